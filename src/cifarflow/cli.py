@@ -1,0 +1,111 @@
+"""Command line: `cifarflow train` and `cifarflow data info`, with one-line errors for fixable problems."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is imported: no C++ log noise
+
+import click  # noqa: E402
+
+from cifarflow.errors import CifarflowError  # noqa: E402
+
+
+def _short(value) -> str:
+    return str(value).replace("/", "_")[:16]
+
+
+def run_name(recipe: str, overrides: dict) -> str:
+    """``<recipe>-<short distinguishing params>``, e.g. ``cnn_small-e30-width0.5``."""
+    parts = [recipe] + [f"{k.removeprefix('model.')}{_short(v)}" for k, v in overrides.items()
+                        if v is not None and k not in ("data", "seed", "skip_corrupt", "resize")]
+    return "-".join(parts)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cifarflow")
+def cli() -> None:
+    """cifarflow: MLflow-tracked CIFAR-10 experiments."""
+
+
+@cli.command()
+@click.argument("recipe")
+@click.option("--data", default=None, help="cifar10 (default; $CIFARFLOW_DATA, Keras cache, download), a folder or an archive.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the recipe's epochs.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only N training images (stratified sample) for smoke runs.")
+@click.option("--seed", type=int, default=None, help="Random seed (default 42).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe or model parameter; repeatable.")
+@click.option("--skip-corrupt", is_flag=True, default=None, help="Drop unreadable images (count logged) instead of failing.")
+@click.option("--resize", is_flag=True, default=None, help="Resize images that are not 32x32 instead of failing.")
+@click.option("--resume", default=None, metavar="RUN_ID", help="Continue an interrupted run from its last finished epoch.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, resume, quiet) -> None:
+    """Train RECIPE (a name in experiments/ or a .yaml path) and log it to MLflow."""
+    from cifarflow import config as cfg
+    from cifarflow.train import train as run_training
+
+    overrides = cfg.parse_overrides(sets)
+    overrides.update({k: v for k, v in dict(data=data, epochs=epochs, limit=limit, seed=seed,
+                                            skip_corrupt=skip_corrupt, resize=resize).items() if v is not None})
+    config = cfg.resolve(recipe, overrides)
+    result = run_training(config, quiet=quiet, run_name=run_name(config.recipe, overrides), resume=resume)
+    m = result.metrics
+    click.echo(f"run {result.run_id}: test_accuracy={m['test_accuracy']:.4f} test_loss={m['test_loss']:.4f} "
+               f"train_seconds={m['train_seconds']:.0f} model={result.model_uri}")
+
+
+@cli.group()
+def data() -> None:
+    """Inspect data sources."""
+
+
+@data.command("info")
+@click.argument("source", default="cifar10")
+@click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
+              help="Where to write the PNG grid of sample images per class.")
+@click.option("--skip-corrupt", is_flag=True, help="Drop unreadable images instead of failing.")
+@click.option("--resize", is_flag=True, help="Resize images that are not 32x32.")
+def data_info(source, out, skip_corrupt, resize) -> None:
+    """Counts per class, checksum and a sample grid of SOURCE."""
+    from pathlib import Path
+
+    from cifarflow import data as d
+    from cifarflow import plots
+
+    ds = d.load(source, skip_corrupt=skip_corrupt, resize=resize)
+    train_counts = d.class_counts(ds.y_train, ds.class_names)
+    test_counts = d.class_counts(ds.y_test, ds.class_names)
+    click.echo(f"source:   {ds.source}")
+    click.echo(f"sha256:   {ds.checksum}")
+    click.echo(f"images:   {len(ds.y_train)} train, {len(ds.y_test)} test, {ds.num_classes} classes, "
+               f"{ds.x_train.shape[1]}x{ds.x_train.shape[2]}x{ds.x_train.shape[3]} {ds.x_train.dtype}")
+    if ds.skipped:
+        click.echo(f"skipped:  {ds.skipped} corrupt images")
+    width = max(len(c) for c in ds.class_names)
+    click.echo(f"{'class':<{width}}  {'train':>6}  {'test':>6}")
+    for name in ds.class_names:
+        click.echo(f"{name:<{width}}  {train_counts[name]:>6}  {test_counts[name]:>6}")
+    plots.samples_per_class(ds.x_train, ds.y_train, ds.class_names, Path(out))
+    click.echo(f"samples:  {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the click group; fixable errors exit 2 with one line on stderr."""
+    try:
+        cli.main(args=argv, prog_name="cifarflow", standalone_mode=False)
+    except CifarflowError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

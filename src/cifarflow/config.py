@@ -1,0 +1,192 @@
+"""Recipes: read experiments/<name>.yaml, apply key=value overrides, validate into one typed config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+
+from cifarflow import models
+from cifarflow.errors import CifarflowError
+
+
+class TrainConfig(pydantic.BaseModel):
+    """Everything one training run needs, resolved from a recipe and overrides.
+
+    Learning rates are per step of ``batch_size`` images; epochs count passes
+    over the training split; augmentation magnitudes follow the Keras
+    preprocessing layers' ``factor`` conventions (fractions of the image size,
+    of a full turn for ``rotation``, of the 0..255 range for ``brightness``).
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
+
+    recipe: str
+    model: str
+    model_params: dict[str, Any] = {}
+    description: str = ""
+
+    # data
+    data: str = "cifar10"
+    val_fraction: float = pydantic.Field(0.1, ge=0.0, lt=1.0)
+    limit: int | None = pydantic.Field(None, gt=0)
+    skip_corrupt: bool = False
+    resize: bool = False
+    seed: int = 42
+
+    # optimization
+    epochs: int = pydantic.Field(30, ge=1)
+    batch_size: int = pydantic.Field(128, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    learning_rate: float = pydantic.Field(0.1, gt=0)
+    momentum: float = pydantic.Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = pydantic.Field(5e-4, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = pydantic.Field(0.0, ge=0)
+    min_learning_rate: float = pydantic.Field(0.0, ge=0)
+    label_smoothing: float = pydantic.Field(0.0, ge=0, lt=1)
+
+    # augmentation (applied in the input pipeline, training split only)
+    crop_padding: int = pydantic.Field(4, ge=0)
+    flip: bool = True
+    rotation: float = pydantic.Field(0.0, ge=0, le=0.5)
+    shift: float = pydantic.Field(0.0, ge=0, lt=1)
+    zoom: float = pydantic.Field(0.0, ge=0, lt=1)
+    brightness: float = pydantic.Field(0.0, ge=0, le=1)
+    contrast: float = pydantic.Field(0.0, ge=0, le=1)
+
+    # callbacks
+    early_stopping_patience: int | None = pydantic.Field(None, ge=1)
+    reduce_lr_patience: int | None = pydantic.Field(None, ge=1)
+    reduce_lr_factor: float = pydantic.Field(0.5, gt=0, lt=1)
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.reduce_lr_patience is not None and self.schedule != "constant":
+            raise ValueError(
+                "reduce_lr_patience needs schedule=constant (a cosine schedule already sets the rate)"
+            )
+        if self.early_stopping_patience is not None and self.val_fraction == 0:
+            raise ValueError("early_stopping_patience needs a validation split (val_fraction > 0)")
+        return self
+
+    def params(self) -> dict[str, Any]:
+        """Flat ``name -> value`` of every setting, as logged to MLflow."""
+        flat = self.model_dump(exclude={"model_params", "description"})
+        flat.update(self.model_params)
+        return flat
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML, in the recipe file's own shape."""
+        body = self.model_dump(exclude={"model", "model_params"})
+        body["model"] = {"name": self.model, **self.model_params}
+        return yaml.safe_dump(body, sort_keys=False)
+
+
+def recipes_dir() -> Path:
+    """The folder of recipe files: ``$CIFARFLOW_RECIPES``, else ``experiments/``
+    of the working directory, else the one of the source checkout."""
+    env = os.environ.get("CIFARFLOW_RECIPES")
+    if env:
+        return Path(env)
+    local = Path.cwd() / "experiments"
+    if local.is_dir():
+        return local
+    return Path(__file__).resolve().parents[2] / "experiments"
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipe files in :func:`recipes_dir`."""
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as YAML (``0.1`` -> float, ``true`` -> bool, ``null`` -> None)."""
+    try:
+        return yaml.safe_load(text) if isinstance(text, str) else text
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Turn ``["key=value", ...]`` into a dict of parsed values.
+
+    Raises:
+        CifarflowError: an item without ``=``.
+    """
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CifarflowError(f"bad override '{item}'", "write it as key=value, e.g. --set epochs=5")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """Read a recipe file (by name from :func:`recipes_dir`, or a path) as a dict.
+
+    Raises:
+        CifarflowError: missing file, invalid YAML, or no ``model`` section.
+    """
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = recipes_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise CifarflowError(
+            f"no recipe '{name_or_path}' ({path} not found)",
+            f"use one of: {', '.join(available_recipes()) or '(none found)'}, or a path to a .yaml file",
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CifarflowError(f"invalid YAML in {path}: {exc}".replace("\n", " "), "fix the recipe file") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or "name" not in raw["model"]:
+        raise CifarflowError(f"{path} has no 'model:' mapping with a 'name'", "see experiments/cnn.yaml")
+    raw.setdefault("recipe", path.stem)
+    return raw
+
+
+def resolve(recipe: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Resolve a recipe and overrides into a validated :class:`TrainConfig`.
+
+    An override key is a training setting (``epochs``, ``learning_rate``...),
+    a model parameter (``width``, ``dropout``...; also ``model.width``), and
+    ``None`` values from the CLI are ignored.
+
+    Raises:
+        CifarflowError: unknown recipe, unknown key, or a bad value.
+    """
+    raw = load_recipe(recipe)
+    model_section = dict(raw.pop("model"))
+    model_name = model_section.pop("name")
+    model_params = dict(model_section)
+    settable = models.parameters(model_name)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        bare = key.removeprefix("model.")
+        if key.startswith("model.") or (bare in settable and bare not in TrainConfig.model_fields):
+            model_params[bare] = value
+        elif key in TrainConfig.model_fields and key not in ("model", "model_params", "recipe"):
+            raw[key] = value
+        else:
+            raise CifarflowError(
+                f"unknown parameter '{key}' for recipe '{raw['recipe']}'",
+                f"training settings: {', '.join(k for k in TrainConfig.model_fields if k not in ('model', 'model_params', 'recipe', 'description'))}; "
+                f"model parameters: {', '.join(settable)}",
+            )
+    params = models.resolve_params(model_name, model_params)
+    try:
+        return TrainConfig(model=model_name, model_params=params, **raw)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "recipe"
+        raise CifarflowError(
+            f"bad value for '{where}': {err['msg']}" + (f" (got {err['input']!r})" if where != "recipe" else ""),
+            "fix it in the recipe or in --set/-P",
+        ) from None

@@ -1,0 +1,490 @@
+"""Data sources: load CIFAR-10-style datasets into uint8 NHWC arrays, cache them, split them."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cifarflow.errors import CifarflowError
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
+IMAGE_SIZE = 32
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_CACHE_FORMAT = "v1"  # bump when the cached array layout changes
+_PICKLE_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A loaded dataset.
+
+    Attributes:
+        x_train: uint8 array (N_train, 32, 32, 3), RGB, values 0..255.
+        y_train: int64 array (N_train,), class indices into ``class_names``.
+        x_test: uint8 array (N_test, 32, 32, 3).
+        y_test: int64 array (N_test,).
+        class_names: class names, index i names label i.
+        checksum: sha256 (hex) of the decoded arrays and class names: equal for
+            the same pixels whatever the file format they came from.
+        source: the resolved source the arrays were read from.
+        skipped: number of corrupt images dropped (only with ``skip_corrupt``).
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+    checksum: str
+    source: str = ""
+    skipped: int = 0
+    skipped_files: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def cache_root() -> Path:
+    """Folder for extracted archives and decoded-array caches.
+
+    ``$CIFARFLOW_CACHE`` if set, else ``~/.cache/cifarflow``.
+    """
+    return Path(os.environ.get("CIFARFLOW_CACHE", Path.home() / ".cache" / "cifarflow"))
+
+
+def keras_cifar10_dir() -> Path | None:
+    """The Keras cache of the pickled CIFAR-10 release, or None when absent.
+
+    Keras 3 extracts into ``<KERAS_HOME>/datasets/cifar-10-batches-py-target/
+    cifar-10-batches-py``; older Keras used ``datasets/cifar-10-batches-py``.
+    """
+    home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    for candidate in (
+        home / "datasets" / "cifar-10-batches-py-target" / "cifar-10-batches-py",
+        home / "datasets" / "cifar-10-batches-py",
+    ):
+        if (candidate / "test_batch").is_file():
+            return candidate
+    return None
+
+
+def resolve_source(source: str | os.PathLike = "cifar10") -> str:
+    """Resolve the ``data`` argument to a path, or to ``"download"``.
+
+    ``cifar10`` resolves in this order: ``$CIFARFLOW_DATA`` if set, then the
+    Keras cache (``~/.keras/datasets``), then ``"download"`` (Keras downloads
+    the pickled release; needs internet). Any other value is returned as a path.
+    """
+    source = str(source)
+    if source != "cifar10":
+        return source
+    env = os.environ.get("CIFARFLOW_DATA")
+    if env:
+        return env
+    cached = keras_cifar10_dir()
+    return str(cached) if cached else "download"
+
+
+def load(
+    source: str | os.PathLike = "cifar10",
+    *,
+    skip_corrupt: bool = False,
+    resize: bool = False,
+    use_cache: bool = True,
+) -> Dataset:
+    """Load a dataset as uint8 NHWC arrays.
+
+    Sources: ``cifar10`` (see :func:`resolve_source`), a directory in the
+    canonical ``cifar-10-batches-py`` pickle layout, a class-folder tree
+    ``{train,test}/<class>/*.(jpg|jpeg|png)``, or a ``.tar.gz``/``.tgz``/``.tar``/
+    ``.zip`` archive holding either (extracted once under :func:`cache_root`,
+    never beside the archive; a single top folder inside is allowed).
+
+    The pickle layout is unpickled, and unpickling can run arbitrary code:
+    load it only from paths you trust (the Keras cache, your own copy).
+
+    Decoded arrays are cached as ``.npz`` under :func:`cache_root`, keyed by the
+    archive's sha256 or a directory's file list, sizes and mtimes, so the
+    second load takes seconds.
+
+    Args:
+        source: ``"cifar10"`` or a path.
+        skip_corrupt: drop unreadable images (counted in ``Dataset.skipped``)
+            instead of failing.
+        resize: resize images that are not 32x32 instead of failing.
+        use_cache: read and write the decoded-array cache.
+
+    Returns:
+        A :class:`Dataset`.
+
+    Raises:
+        CifarflowError: missing path, unknown layout, empty class folder,
+            corrupt images, train/test class sets that differ, wrong image size.
+    """
+    resolved = resolve_source(source)
+    if resolved == "download":
+        return _load_keras_download()
+    path = Path(resolved).expanduser()
+    if not path.exists():
+        raise CifarflowError(
+            f"data source not found: {path}",
+            "pass --data with an existing folder or archive, or set CIFARFLOW_DATA",
+        )
+    options = f"{_CACHE_FORMAT}|skip_corrupt={skip_corrupt}|resize={resize}"
+    key = hashlib.sha256((_fingerprint(path) + options).encode()).hexdigest()[:24]
+    cache_file = cache_root() / "arrays" / f"{key}.npz"
+    if use_cache and cache_file.is_file():
+        try:
+            return _read_cache(cache_file, str(path))
+        except Exception:  # a broken cache is rebuilt, never fatal
+            cache_file.unlink(missing_ok=True)
+    root = _extract(path) if path.is_file() else path
+    dataset = _load_root(_find_layout_root(root, path), skip_corrupt=skip_corrupt, resize=resize)
+    dataset = Dataset(**{**dataset.__dict__, "source": str(path)})
+    if use_cache:
+        _write_cache(cache_file, dataset)
+    return dataset
+
+
+def train_val_split(
+    x: np.ndarray, y: np.ndarray, val_fraction: float = 0.1, seed: int = 42
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded, stratified split of the training set into train and validation.
+
+    Args:
+        x: images (N, H, W, C).
+        y: int labels (N,).
+        val_fraction: fraction of N held out, in [0, 1). 0 returns empty
+            validation arrays.
+        seed: random seed; the same seed gives the same split.
+
+    Returns:
+        ``(x_train, y_train, x_val, y_val)``; each class keeps its proportion.
+
+    Raises:
+        CifarflowError: ``val_fraction`` outside [0, 1) or too small a class.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise CifarflowError(
+            f"val_fraction={val_fraction} is outside [0, 1)", "use e.g. --set val_fraction=0.1"
+        )
+    if val_fraction == 0.0:
+        return x, y, x[:0], y[:0]
+    from sklearn.model_selection import train_test_split
+
+    try:
+        x_tr, x_val, y_tr, y_val = train_test_split(
+            x, y, test_size=val_fraction, stratify=y, random_state=seed
+        )
+    except ValueError as exc:
+        raise CifarflowError(
+            f"cannot make a stratified validation split of {len(y)} images: {exc}",
+            "use more images (--limit) or a larger val_fraction",
+        ) from None
+    return x_tr, y_tr, x_val, y_val
+
+
+def limit_per_class(x: np.ndarray, y: np.ndarray, limit: int | None, seed: int = 42):
+    """A seeded, stratified subsample of ``limit`` images (for smoke runs).
+
+    Returns ``(x, y)`` unchanged when ``limit`` is None or >= N; the images keep
+    their original order.
+
+    Raises:
+        CifarflowError: ``limit`` is not positive.
+    """
+    if limit is None or limit >= len(y):
+        return x, y
+    if limit <= 0:
+        raise CifarflowError(f"limit={limit} must be positive", "use e.g. --limit 5000")
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    try:
+        picked, _ = train_test_split(idx, train_size=limit, stratify=y, random_state=seed)
+    except ValueError:  # fewer images than classes: a plain seeded sample
+        picked = np.random.default_rng(seed).choice(idx, size=limit, replace=False)
+    picked = np.sort(picked)
+    return x[picked], y[picked]
+
+
+def dataset_checksum(x_train, y_train, x_test, y_test, class_names) -> str:
+    """sha256 (hex) over the decoded arrays and class names."""
+    h = hashlib.sha256()
+    for arr in (x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64)):
+        h.update(str(arr.shape).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\n".join(class_names).encode())
+    return h.hexdigest()
+
+
+def class_counts(y: np.ndarray, class_names) -> dict[str, int]:
+    """Number of images per class name."""
+    counts = np.bincount(y, minlength=len(class_names))
+    return {name: int(n) for name, n in zip(class_names, counts)}
+
+
+# ---------------------------------------------------------------- internals
+
+
+def _make(x_train, y_train, x_test, y_test, class_names, skipped=()) -> Dataset:
+    y_train = np.asarray(y_train, dtype=np.int64).reshape(-1)
+    y_test = np.asarray(y_test, dtype=np.int64).reshape(-1)
+    class_names = tuple(class_names)
+    return Dataset(
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+        class_names=class_names,
+        checksum=dataset_checksum(x_train, y_train, x_test, y_test, class_names),
+        skipped=len(skipped),
+        skipped_files=tuple(skipped),
+    )
+
+
+def _load_keras_download() -> Dataset:
+    import keras
+
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    except Exception as exc:  # no network, proxy, truncated download...
+        raise CifarflowError(
+            f"could not download CIFAR-10 through Keras: {type(exc).__name__}: {exc}".splitlines()[0],
+            "connect to the internet once, or pass --data PATH / set CIFARFLOW_DATA to a local copy",
+        ) from None
+    return Dataset(**{**_make(x_train, y_train, x_test, y_test, CIFAR10_CLASSES).__dict__,
+                      "source": "keras.datasets.cifar10"})
+
+
+def _fingerprint(path: Path) -> str:
+    """Cheap identity of a source: sha256 of an archive, or a folder's file stats."""
+    if path.is_file():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return "file:" + h.hexdigest()
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            st = os.stat(full)
+            h.update(f"{os.path.relpath(full, path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return "dir:" + h.hexdigest()
+
+
+def _extract(archive: Path) -> Path:
+    name = archive.name.lower()
+    if not (name.endswith((".tar.gz", ".tgz", ".tar", ".zip"))):
+        raise CifarflowError(
+            f"unsupported data file: {archive}",
+            "pass a folder, or a .tar.gz/.tgz/.tar/.zip archive of one",
+        )
+    digest = _fingerprint(archive).split(":", 1)[1][:24]
+    target = cache_root() / "extracted" / digest
+    if (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+    try:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(tmp)
+        else:
+            with tarfile.open(archive) as tf:
+                tf.extractall(tmp, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CifarflowError(
+            f"cannot extract {archive}: {exc}", "the archive is corrupt or truncated; copy it again"
+        ) from None
+    (tmp / ".complete").touch()
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def _is_pickle_root(d: Path) -> bool:
+    return (d / "test_batch").is_file() and (d / "data_batch_1").is_file()
+
+
+def _is_folder_root(d: Path) -> bool:
+    return (d / "train").is_dir() and (d / "test").is_dir()
+
+
+def _find_layout_root(root: Path, shown: Path) -> Path:
+    """The folder holding the layout: ``root`` itself or up to two levels down."""
+    frontier = [root]
+    for _ in range(3):
+        for d in frontier:
+            if _is_pickle_root(d) or _is_folder_root(d):
+                return d
+        frontier = [c for d in frontier for c in sorted(d.iterdir()) if c.is_dir()]
+    raise CifarflowError(
+        f"{shown} holds neither a cifar-10-batches-py pickle layout "
+        "(data_batch_1..5, test_batch) nor class folders train/<class>/ and test/<class>/",
+        "point --data at a folder or archive in one of those layouts",
+    )
+
+
+def _load_root(root: Path, *, skip_corrupt: bool, resize: bool) -> Dataset:
+    if _is_pickle_root(root):
+        return _load_pickle_dir(root)
+    return _load_class_folders(root, skip_corrupt=skip_corrupt, resize=resize)
+
+
+def _load_pickle_dir(root: Path) -> Dataset:
+    """Read the canonical pickled release. Trusted paths only: unpickling runs code."""
+
+    def read(name: str) -> dict:
+        file = root / name
+        if not file.is_file():
+            raise CifarflowError(
+                f"missing {file} in the cifar-10-batches-py layout",
+                "restore the file, or download the dataset again",
+            )
+        try:
+            with open(file, "rb") as f:
+                return pickle.load(f, encoding="bytes")
+        except Exception as exc:
+            raise CifarflowError(
+                f"cannot read {file}: {type(exc).__name__}: {exc}",
+                "the file is corrupt; download the dataset again",
+            ) from None
+
+    def arrays(batch: dict, name: str):
+        try:
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            labels = np.asarray(batch[b"labels"], dtype=np.int64)
+            return data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1), labels
+        except (KeyError, ValueError) as exc:
+            raise CifarflowError(
+                f"{root / name} is not a CIFAR-10 batch ({type(exc).__name__}: {exc})",
+                "the file is corrupt; download the dataset again",
+            ) from None
+
+    train = [arrays(read(n), n) for n in _PICKLE_FILES[:-1]]
+    x_test, y_test = arrays(read("test_batch"), "test_batch")
+    names = CIFAR10_CLASSES
+    if (root / "batches.meta").is_file():
+        meta = read("batches.meta")
+        names = tuple(n.decode() for n in meta.get(b"label_names", [])) or CIFAR10_CLASSES
+    x_train = np.concatenate([t[0] for t in train])
+    y_train = np.concatenate([t[1] for t in train])
+    return _make(x_train, y_train, x_test, y_test, names)
+
+
+def _list_split(split_dir: Path) -> dict[str, list[Path]]:
+    classes = sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise CifarflowError(
+            f"no class folders in {split_dir}", f"put images in {split_dir}/<class>/*.jpg"
+        )
+    files = {}
+    for d in classes:
+        imgs = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not imgs:
+            raise CifarflowError(
+                f"empty class folder {d} (no .jpg/.jpeg/.png files)",
+                "add images to it or remove the folder",
+            )
+        files[d.name] = imgs
+    return files
+
+
+def _decode(path: Path, resize: bool) -> np.ndarray | None:
+    """Decode one image to uint8 (32, 32, 3); None if unreadable; str if wrong size."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert("RGB")
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                if not resize:
+                    return f"{im.size[0]}x{im.size[1]}"
+                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except Exception:
+        return None
+
+
+def _load_class_folders(root: Path, *, skip_corrupt: bool, resize: bool) -> Dataset:
+    train_files = _list_split(root / "train")
+    test_files = _list_split(root / "test")
+    if set(train_files) != set(test_files):
+        only_train = sorted(set(train_files) - set(test_files))
+        only_test = sorted(set(test_files) - set(train_files))
+        raise CifarflowError(
+            f"train and test class folders differ in {root}: only in train {only_train}, "
+            f"only in test {only_test}",
+            "give both splits the same class folders",
+        )
+    class_names = tuple(sorted(train_files))
+    index = {c: i for i, c in enumerate(class_names)}
+    corrupt: list[str] = []
+    out = []
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        for files in (train_files, test_files):
+            paths = [(p, index[c]) for c in class_names for p in files[c]]
+            decoded = list(pool.map(lambda pl: _decode(pl[0], resize), paths, chunksize=256))
+            for (p, _), img in zip(paths, decoded):
+                if isinstance(img, str):
+                    raise CifarflowError(
+                        f"{p} is {img} pixels, not {IMAGE_SIZE}x{IMAGE_SIZE}",
+                        "resize the images, or pass --resize to resize them on load",
+                    )
+            keep = [i for i, img in enumerate(decoded) if img is not None]
+            corrupt += [str(paths[i][0]) for i, img in enumerate(decoded) if img is None]
+            x = np.stack([decoded[i] for i in keep]) if keep else np.zeros((0, 32, 32, 3), np.uint8)
+            y = np.array([paths[i][1] for i in keep], dtype=np.int64)
+            out.append((x, y))
+    if corrupt and not skip_corrupt:
+        shown = ", ".join(corrupt[:5]) + (f" and {len(corrupt) - 5} more" if len(corrupt) > 5 else "")
+        raise CifarflowError(
+            f"{len(corrupt)} unreadable or corrupt image(s): {shown}",
+            "replace or delete them, or pass --skip-corrupt to drop them",
+        )
+    (x_train, y_train), (x_test, y_test) = out
+    return _make(x_train, y_train, x_test, y_test, class_names, skipped=corrupt)
+
+
+def _write_cache(cache_file: Path, ds: Dataset) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test,
+        class_names=np.array(ds.class_names), checksum=np.array(ds.checksum),
+        skipped_files=np.array(ds.skipped_files, dtype=str),
+    )
+    tmp = cache_file.with_suffix(".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(cache_file)  # atomic: a killed run never leaves half a cache
+
+
+def _read_cache(cache_file: Path, source: str) -> Dataset:
+    with np.load(cache_file, allow_pickle=False) as z:
+        skipped = tuple(str(s) for s in z["skipped_files"])
+        return Dataset(
+            x_train=z["x_train"], y_train=z["y_train"], x_test=z["x_test"], y_test=z["y_test"],
+            class_names=tuple(str(c) for c in z["class_names"]), checksum=str(z["checksum"]),
+            source=source, skipped=len(skipped), skipped_files=skipped,
+        )

@@ -1,0 +1,90 @@
+"""Model registry: maps builder names to pure Keras model builders and validates their parameters."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import keras
+import pydantic
+
+from cifarflow.errors import CifarflowError
+from cifarflow.models.cnn import build_cnn
+
+BUILDERS: dict[str, Callable[..., keras.Model]] = {
+    "cnn": build_cnn,
+}
+# Arguments the trainer supplies from the data, never from a recipe.
+DATA_ARGUMENTS = ("num_classes", "mean", "std")
+
+
+def builder(name: str) -> Callable[..., keras.Model]:
+    """The builder registered under ``name``.
+
+    Raises:
+        CifarflowError: unknown model name.
+    """
+    try:
+        return BUILDERS[name]
+    except KeyError:
+        raise CifarflowError(
+            f"unknown model '{name}'", f"use one of: {', '.join(sorted(BUILDERS))}"
+        ) from None
+
+
+def parameters(name: str) -> dict[str, inspect.Parameter]:
+    """The recipe-settable parameters of a builder, by name (data arguments excluded)."""
+    sig = inspect.signature(builder(name))
+    return {k: p for k, p in sig.parameters.items() if k not in DATA_ARGUMENTS}
+
+
+def resolve_params(name: str, params: dict) -> dict:
+    """Validate and type-coerce builder parameters, filling in the defaults.
+
+    Args:
+        name: builder name.
+        params: parameter values from the recipe and overrides.
+
+    Returns:
+        Every recipe-settable parameter of the builder with its typed value.
+
+    Raises:
+        CifarflowError: unknown parameter or a value of the wrong type.
+    """
+    known = parameters(name)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise CifarflowError(
+            f"unknown parameter(s) {unknown} for model '{name}'",
+            f"the model takes: {', '.join(known)}",
+        )
+    fields = {
+        k: (p.annotation, ... if p.default is inspect.Parameter.empty else p.default)
+        for k, p in known.items()
+    }
+    schema = pydantic.create_model(f"{name}_params", __config__=pydantic.ConfigDict(strict=False), **fields)
+    try:
+        return schema(**params).model_dump()
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        raise CifarflowError(
+            f"bad value for model parameter '{err['loc'][0]}': {err['msg']} (got {err.get('input')!r})",
+            "fix it in the recipe or in --set/-P",
+        ) from None
+
+
+def build(name: str, *, num_classes: int, mean=None, std=None, **params) -> keras.Model:
+    """Build a registered model (raw 0..255 pixels in, softmax probabilities out).
+
+    Args:
+        name: builder name, e.g. ``"cnn"``.
+        num_classes: number of output classes.
+        mean, std: per-channel statistics of the training pixels on the 0..255
+            scale, for the normalization layer inside the model.
+        **params: builder parameters (validated by :func:`resolve_params`).
+
+    Raises:
+        CifarflowError: unknown model name or parameter, bad value.
+    """
+    typed = resolve_params(name, params)
+    return builder(name)(num_classes=num_classes, mean=mean, std=std, **typed)

@@ -1,0 +1,91 @@
+"""Figures saved as PNG: training curves, confusion matrix, image grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def training_curves(history: dict[str, list[float]], path: Path) -> Path:
+    """Loss and accuracy per epoch (train and validation) side by side, saved to ``path``."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for split in ("train", "val"):
+            values = history.get(f"{split}_{metric}")
+            if values:
+                ax.plot(range(len(values)), values, marker="o", ms=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def confusion_matrix(cm: np.ndarray, class_names, path: Path) -> Path:
+    """Confusion matrix (rows true, columns predicted) with counts, saved to ``path``."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(cm, cmap="Blues")
+    n = len(class_names)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = cm.max() / 2 if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > threshold else "black")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def image_grid(images: np.ndarray, titles: list[str], path: Path, columns: int = 8) -> Path:
+    """uint8 images (N, H, W, 3) in a grid, each with a title, saved to ``path``."""
+    n = max(1, len(images))
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title in zip(axes.flat, images, titles):
+        ax.imshow(img)
+        ax.set_title(title, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def misclassified_grid(x, y_true, probs, class_names, path: Path, count: int = 32) -> Path:
+    """The ``count`` most confident mistakes, titled ``true -> predicted (p)``."""
+    y_pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    wrong = wrong[np.argsort(-probs[wrong, y_pred[wrong]])][:count]
+    titles = [f"{class_names[y_true[i]]} -> {class_names[y_pred[i]]} ({probs[i, y_pred[i]]:.2f})" for i in wrong]
+    return image_grid(x[wrong], titles, path)
+
+
+def samples_per_class(x, y, class_names, path: Path, per_class: int = 8, seed: int = 0) -> Path:
+    """``per_class`` random images of each class, one row per class."""
+    rng = np.random.default_rng(seed)
+    picks, titles = [], []
+    for c, name in enumerate(class_names):
+        idx = np.flatnonzero(y == c)
+        chosen = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
+        for i in chosen:
+            picks.append(x[i])
+            titles.append(name)
+        for _ in range(per_class - len(chosen)):  # keep one row per class
+            picks.append(np.zeros_like(x[0]))
+            titles.append("")
+    return image_grid(np.stack(picks), titles, path, columns=per_class)

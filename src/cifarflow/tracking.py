@@ -1,0 +1,155 @@
+"""MLflow tracking: store URI, experiment and run names, tags, per-epoch metric logging, model logging."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EPOCH_METRICS = (
+    "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second",
+)
+
+
+def configure() -> str:
+    """Point MLflow at ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory.
+
+    MLflow 3.13+ refuses the plain-file ``mlruns/`` store, hence the SQLite default.
+    Returns the tracking URI in use.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_name(recipe: str) -> str:
+    """MLflow experiment of a recipe family: ``cifarflow/<recipe>``."""
+    return f"cifarflow/{recipe}"
+
+
+def git_commit() -> str:
+    """HEAD commit of the working directory's git checkout (``-dirty`` if modified), or ``unknown``."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def host_cpu() -> str:
+    """CPU model name and core count, e.g. ``Intel Xeon ... (2 cores)``."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def host_gpu() -> str:
+    """Accelerators visible to the Keras backend, or ``none``."""
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            return ", ".join(g.name for g in gpus) or "none"
+        if backend == "jax":
+            import jax
+
+            devs = [d for d in jax.devices() if d.platform != "cpu"]
+            return ", ".join(getattr(d, "device_kind", str(d)) for d in devs) or "none"
+    except Exception:
+        pass
+    return "none"
+
+
+def run_tags(recipe: str, dataset_checksum: str) -> dict[str, str]:
+    """The ``cifarflow.*`` tags of a training run."""
+    import tensorflow as tf
+
+    return {
+        "cifarflow.recipe": recipe,
+        "cifarflow.dataset_sha256": dataset_checksum,
+        "cifarflow.git_commit": git_commit(),
+        "cifarflow.keras_backend": keras.backend.backend(),
+        "cifarflow.keras_version": keras.__version__,
+        "cifarflow.tf_version": tf.__version__,
+        "cifarflow.host_cpu": host_cpu(),
+        "cifarflow.host_gpu": host_gpu(),
+    }
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Logs the per-epoch metrics of DESIGN.md to the active MLflow run (step = epoch index).
+
+    ``images_per_second`` counts training images over the training part of the
+    epoch (validation excluded); ``epoch_seconds`` is the whole epoch.
+    ``history`` keeps the same values in memory for the curves.
+
+    Args:
+        train_images: images in one training epoch.
+    """
+
+    def __init__(self, train_images: int) -> None:
+        super().__init__()
+        self.train_images = train_images
+        self.history: dict[str, list[float]] = {k: [] for k in EPOCH_METRICS}
+        self._start = self._train_end = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+        self._train_end = 0.0
+
+    def on_test_begin(self, logs=None):
+        if not self._train_end:
+            self._train_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        end = time.perf_counter()
+        train_seconds = (self._train_end or end) - self._start
+        metrics = {
+            "train_loss": logs.get("loss"),
+            "train_accuracy": logs.get("accuracy"),
+            "val_loss": logs.get("val_loss"),
+            "val_accuracy": logs.get("val_accuracy"),
+            "lr": float(np.asarray(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))),
+            "epoch_seconds": end - self._start,
+            "images_per_second": self.train_images / max(train_seconds, 1e-9),
+        }
+        metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+        for k, v in metrics.items():
+            self.history[k].append(v)
+        mlflow.log_metrics(metrics, step=epoch)
+
+
+def log_keras_model(model: keras.Model, x_example: np.ndarray, name: str = "model"):
+    """Log ``model`` as an MLflow LoggedModel with a signature (no input example).
+
+    ``mlflow.keras.log_model(..., input_example=...)`` fails with
+    ``FileNotFoundError: .../input_example.json`` (mlflow issue #16183), so the
+    signature is inferred here from ``x_example`` (float32 raw pixels) and the
+    model's output on it.
+
+    Returns:
+        MLflow's ``ModelInfo`` (``model_uri`` is ``models:/<model_id>``).
+    """
+    from mlflow.models import infer_signature
+
+    x_example = np.asarray(x_example, dtype=np.float32)
+    signature = infer_signature(x_example, model.predict(x_example, verbose=0))
+    return mlflow.keras.log_model(model, name=name, signature=signature)

@@ -1,0 +1,221 @@
+"""The trainer: wires data, model, input pipeline, optimizer, callbacks and MLflow into one run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+
+from cifarflow import data, evaluation, models, pipeline, plots, tracking
+from cifarflow.config import TrainConfig
+from cifarflow.errors import CifarflowError
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run produced: its MLflow ids and final metrics."""
+
+    run_id: str
+    model_uri: str
+    metrics: dict[str, float]
+
+
+def checkpoint_root() -> Path:
+    """Where in-progress runs keep their resume state: ``$CIFARFLOW_CHECKPOINTS`` or ``./checkpoints``."""
+    return Path(os.environ.get("CIFARFLOW_CHECKPOINTS", "checkpoints"))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and the Keras backend; make TensorFlow ops deterministic."""
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def pixel_stats(x: np.ndarray, max_images: int = 10000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..255 scale) of up to ``max_images`` images of ``x`` (N, H, W, 3)."""
+    sample = x[:max_images].reshape(-1, x.shape[-1]).astype(np.float64)
+    return sample.mean(axis=0).tolist(), np.maximum(sample.std(axis=0), 1e-3).tolist()
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Optimizer with the recipe's schedule.
+
+    ``cosine``: linear warmup from 0 to ``learning_rate`` over ``warmup_epochs``,
+    then cosine decay to ``min_learning_rate`` at the last step (Loshchilov and
+    Hutter 2017, SGDR, without restarts; Goyal et al. 2017 for the warmup).
+    Weight decay is decoupled (Keras' ``weight_decay`` argument).
+    """
+    total = config.epochs * steps_per_epoch
+    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total - 1)
+    if config.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else config.learning_rate,
+            decay_steps=max(1, total - warmup),
+            alpha=config.min_learning_rate / config.learning_rate,
+            warmup_target=config.learning_rate if warmup else None,
+            warmup_steps=warmup,
+        )
+    else:
+        lr = config.learning_rate
+    wd = config.weight_decay or None
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=wd)
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
+    return keras.optimizers.Adam(lr, weight_decay=wd)
+
+
+def _metric_history(run_id: str, keys) -> dict[str, list[float]]:
+    """Per-epoch values logged so far (last value per step), also across a resume."""
+    client = mlflow.tracking.MlflowClient()
+    out = {}
+    for key in keys:
+        by_step = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+        out[key] = [by_step[s] for s in sorted(by_step)]
+    return out
+
+
+def _start_run(config: TrainConfig, run_name: str | None, resume: str | None):
+    if resume:
+        try:
+            return mlflow.start_run(run_id=resume)
+        except Exception as exc:
+            raise CifarflowError(f"cannot resume run {resume}: {exc}".splitlines()[0],
+                                 "pass the run id printed when the run was interrupted") from None
+    if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: use its run
+        return mlflow.start_run()
+    mlflow.set_experiment(tracking.experiment_name(config.recipe))
+    return mlflow.start_run(run_name=run_name or f"{config.recipe}-e{config.epochs}")
+
+
+def train(config: TrainConfig, *, quiet: bool = False, run_name: str | None = None,
+          resume: str | None = None) -> TrainResult:
+    """Train ``config`` end to end and record everything in one MLflow run.
+
+    Loads and splits the data (seeded, stratified validation split; the test
+    split is used once, at the end), builds the model, fits it with the
+    recipe's optimizer, schedule and callbacks, keeps the weights of the best
+    validation epoch, evaluates them on the test split and logs params, tags,
+    per-epoch and final metrics, plots, reports and the model to MLflow.
+
+    A killed or interrupted run keeps its state under :func:`checkpoint_root`;
+    ``resume=<run_id>`` continues it from the last finished epoch in the same
+    MLflow run.
+
+    Args:
+        config: the resolved recipe.
+        quiet: no progress bar.
+        run_name: MLflow run name; ``<recipe>-e<epochs>`` when None.
+        resume: id of an interrupted run to continue.
+
+    Returns:
+        :class:`TrainResult` with the run id, the ``models:/<model_id>`` URI
+        and the final metrics.
+
+    Raises:
+        CifarflowError: bad data, or a run that cannot be resumed; also on
+            Ctrl-C, naming the run id to resume.
+    """
+    tracking.configure()
+    seed_everything(config.seed)
+    ds = data.load(config.data, skip_corrupt=config.skip_corrupt, resize=config.resize)
+    x_all, y_all = data.limit_per_class(ds.x_train, ds.y_train, config.limit, config.seed)
+    x_tr, y_tr, x_val, y_val = data.train_val_split(x_all, y_all, config.val_fraction, config.seed)
+    mean, std = pixel_stats(x_tr)
+    model = models.build(config.model, num_classes=ds.num_classes, mean=mean, std=std, **config.model_params)
+    steps = math.ceil(len(y_tr) / config.batch_size)
+    model.compile(
+        optimizer=make_optimizer(config, steps),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+    )
+    augment = pipeline.augmentation(config, seed=config.seed)
+    train_ds = pipeline.make_dataset(x_tr, y_tr, ds.num_classes, config.batch_size, training=True,
+                                     augment=augment, seed=config.seed)
+    val_ds = (pipeline.make_dataset(x_val, y_val, ds.num_classes, config.batch_size, training=False)
+              if len(y_val) else None)
+    test_ds = pipeline.make_dataset(ds.x_test, ds.y_test, ds.num_classes, config.batch_size, training=False)
+
+    with _start_run(config, run_name, resume) as run:
+        run_id = run.info.run_id
+        ckpt_dir = checkpoint_root() / run_id
+        best_file = ckpt_dir / "best.weights.h5"
+        history = _metric_history(run_id, ["val_accuracy"]) if resume else {"val_accuracy": []}
+        if not resume:
+            mlflow.set_tags(tracking.run_tags(config.recipe, ds.checksum))
+            mlflow.log_params({
+                **config.params(),
+                "data_source": ds.source,
+                "train_images": len(y_tr), "val_images": len(y_val), "test_images": len(ds.y_test),
+                "num_classes": ds.num_classes,
+            })
+            mlflow.log_text(config.to_yaml(), "recipe.yaml")
+            mlflow.log_metric("skipped_corrupt_images", ds.skipped)
+            mlflow.log_metrics({"params": model.count_params(),
+                                "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights))})
+        callbacks = [
+            tracking.EpochLogger(len(y_tr)),
+            keras.callbacks.BackupAndRestore(str(ckpt_dir / "backup")),
+        ]
+        if val_ds is not None:
+            callbacks.append(keras.callbacks.ModelCheckpoint(
+                str(best_file), monitor="val_accuracy", mode="max", save_best_only=True,
+                save_weights_only=True, initial_value_threshold=max(history["val_accuracy"], default=None),
+            ))
+        if config.early_stopping_patience:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor="val_accuracy", mode="max", patience=config.early_stopping_patience))
+        if config.reduce_lr_patience:
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss" if val_ds is not None else "loss",
+                factor=config.reduce_lr_factor, patience=config.reduce_lr_patience))
+
+        started = time.perf_counter()
+        try:
+            model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
+                      shuffle=False, verbose=0 if quiet else 1)  # the dataset shuffles, seeded
+        except KeyboardInterrupt:
+            mlflow.end_run(status="KILLED")
+            raise CifarflowError(
+                f"training interrupted; run {run_id} is saved up to its last finished epoch",
+                f"continue it with the same command plus --resume {run_id}",
+            ) from None
+        train_seconds = time.perf_counter() - started
+        if best_file.is_file():
+            model.load_weights(str(best_file))
+
+        test_loss, _ = model.evaluate(test_ds, verbose=0)
+        probs = model.predict(test_ds, verbose=0)
+        scores = evaluation.classification_metrics(ds.y_test, probs, ds.class_names)
+        metrics = {
+            "test_accuracy": scores["accuracy"], "test_loss": float(test_loss), "nll": scores["nll"],
+            "macro_f1": scores["macro_f1"], "train_seconds": train_seconds,
+        }
+        mlflow.log_metrics(metrics)
+
+        curves = _metric_history(run_id, ["train_loss", "val_loss", "train_accuracy", "val_accuracy"])
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            plots.training_curves(curves, out / "training_curves.png")
+            plots.confusion_matrix(scores["confusion_matrix"], ds.class_names, out / "confusion_matrix.png")
+            plots.misclassified_grid(ds.x_test, ds.y_test, probs, ds.class_names, out / "misclassified.png")
+            (out / "classification_report.json").write_text(json.dumps(scores["report"], indent=2))
+            (out / "classification_report.csv").write_text(evaluation.report_csv(scores["report"]))
+            (out / "classes.json").write_text(json.dumps(list(ds.class_names)))
+            mlflow.log_artifacts(tmp)
+        info = tracking.log_keras_model(model, ds.x_test[:8])
+        mlflow.set_tag("cifarflow.model_uri", info.model_uri)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return TrainResult(run_id=run_id, model_uri=info.model_uri, metrics=metrics)
