@@ -93,6 +93,37 @@ def run_tags(recipe: str, dataset_checksum: str) -> dict[str, str]:
     }
 
 
+def _same_value(logged: str, value) -> bool:
+    from cifarflow.config import parse_value
+
+    return logged == str(value) or parse_value(logged) == value
+
+
+def log_params_once(run_id: str, params: dict) -> None:
+    """Log the params the run does not have yet; check the ones it has.
+
+    ``mlflow run`` logs an entry point's parameters as typed on the command
+    line (``2``, ``null``) before the trainer logs the resolved ones (``2.0``,
+    ``None``); MLflow forbids changing a logged value, so values already there
+    are kept when they mean the same. A resumed run must use the same settings.
+
+    Raises:
+        CifarflowError: a logged param has a different value.
+    """
+    from cifarflow.errors import CifarflowError
+
+    logged = mlflow.tracking.MlflowClient().get_run(run_id).data.params
+    differ = [f"{k}: {logged[k]} -> {v}" for k, v in params.items() if k in logged and not _same_value(logged[k], v)]
+    if differ:
+        raise CifarflowError(
+            f"run {run_id} was logged with other settings ({'; '.join(differ)})",
+            "resume with the settings of the original run, or start a new run",
+        )
+    fresh = {k: v for k, v in params.items() if k not in logged}
+    if fresh:
+        mlflow.log_params(fresh)
+
+
 class EpochLogger(keras.callbacks.Callback):
     """Logs the per-epoch metrics of DESIGN.md to the active MLflow run (step = epoch index).
 

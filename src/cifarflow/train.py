@@ -153,18 +153,19 @@ def train(config: TrainConfig, *, quiet: bool = False, run_name: str | None = No
         ckpt_dir = checkpoint_root() / run_id
         best_file = ckpt_dir / "best.weights.h5"
         history = _metric_history(run_id, ["val_accuracy"]) if resume else {"val_accuracy": []}
-        if not resume:
-            mlflow.set_tags(tracking.run_tags(config.recipe, ds.checksum))
-            mlflow.log_params({
-                **config.params(),
-                "data_source": ds.source,
-                "train_images": len(y_tr), "val_images": len(y_val), "test_images": len(ds.y_test),
-                "num_classes": ds.num_classes,
-            })
-            mlflow.log_text(config.to_yaml(), "recipe.yaml")
-            mlflow.log_metric("skipped_corrupt_images", ds.skipped)
-            mlflow.log_metrics({"params": model.count_params(),
-                                "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights))})
+        mlflow.set_tags(tracking.run_tags(config.recipe, ds.checksum))
+        tracking.log_params_once(run_id, {
+            **config.params(),
+            "data_source": ds.source,
+            "train_images": len(y_tr), "val_images": len(y_val), "test_images": len(ds.y_test),
+            "num_classes": ds.num_classes,
+        })
+        mlflow.log_text(config.to_yaml(), "recipe.yaml")
+        mlflow.log_metrics({
+            "skipped_corrupt_images": ds.skipped,
+            "params": model.count_params(),
+            "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+        })
         callbacks = [
             tracking.EpochLogger(len(y_tr)),
             keras.callbacks.BackupAndRestore(str(ckpt_dir / "backup")),
