@@ -12,6 +12,6 @@ class CifarflowError(Exception):
     """
 
     def __init__(self, problem: str, fix: str) -> None:
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{problem} ({fix})")
+        self.problem = " ".join(str(problem).split())  # always one line, whatever was quoted
+        self.fix = " ".join(str(fix).split())
+        super().__init__(f"{self.problem} ({self.fix})")

@@ -1,0 +1,91 @@
+"""Shared fixtures: isolated MLflow/caches per test and tiny generated datasets in both layouts."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES3 = ("cat", "dog", "ship")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Every test gets its own cache, checkpoint folder, MLflow store and working directory."""
+    monkeypatch.setenv("CIFARFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CIFARFLOW_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    monkeypatch.setenv("CIFARFLOW_RECIPES", str(REPO / "experiments"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.delenv("CIFARFLOW_DATA", raising=False)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)  # mlflow.set_experiment exports the id
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
+def class_images(n: int, label: int, seed: int) -> np.ndarray:
+    """uint8 (n, 32, 32, 3) images whose mean colour depends on the label (learnable)."""
+    rng = np.random.default_rng(seed)
+    base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]] * 4)[label % 12]
+    noise = rng.integers(-40, 40, size=(n, 32, 32, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def write_class_folders(root: Path, per_class=(12, 4), classes=CLASSES3, suffix=".png", seed=0):
+    """A ``{train,test}/<class>/*.png`` tree; returns ``{split: (x, y)}`` as written."""
+    from PIL import Image
+
+    written = {}
+    for split, n in zip(("train", "test"), per_class):
+        xs, ys = [], []
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            imgs = class_images(n, c, seed + 17 * c + (split == "test"))
+            for i, img in enumerate(imgs):
+                Image.fromarray(img).save(d / f"{i:04d}{suffix}")
+            xs.append(imgs)
+            ys += [c] * n
+        written[split] = (np.concatenate(xs), np.array(ys))
+    return written
+
+
+def write_pickle_dir(root: Path, per_batch: int = 20, seed: int = 0):
+    """A ``cifar-10-batches-py`` layout with 10 classes; returns the arrays as written."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, size=(per_batch, 32, 32, 3), dtype=np.uint8)
+        y = [int(v) for v in np.arange(per_batch) % 10]
+        flat = x.transpose(0, 3, 1, 2).reshape(per_batch, -1)  # the release stores CHW rows
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": flat, b"labels": y, b"batch_label": name.encode()}, f)
+        xs.append(x)
+        ys.append(np.array(y))
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names}, f)
+    return np.concatenate(xs[:5]), np.concatenate(ys[:5]), xs[5], ys[5]
+
+
+@pytest.fixture
+def folder_data(tmp_path) -> Path:
+    root = tmp_path / "folders"
+    write_class_folders(root)
+    return root
+
+
+@pytest.fixture
+def train_data(tmp_path) -> Path:
+    """A tiny learnable dataset for training tests: 3 classes, 24 train / 6 test images each."""
+    root = tmp_path / "train_data"
+    write_class_folders(root, per_class=(24, 6))
+    return root

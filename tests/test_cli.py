@@ -1,0 +1,69 @@
+"""The command line: train, data info, one-line errors with exit status 2, and `mlflow run` wiring."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from conftest import REPO
+
+from cifarflow.cli import main, run_name
+
+
+def test_train_command_prints_the_run(train_data, capsys):
+    main(["train", "cnn_small", "--data", str(train_data), "--epochs", "1", "--quiet",
+          "--set", "width=0.125", "--set", "batch_size=16", "--set", "val_fraction=0.25"])
+    out = capsys.readouterr().out
+    assert out.startswith("run ") and "test_accuracy=" in out and "models:/m-" in out
+    run = mlflow.search_runs(experiment_names=["cifarflow/cnn_small"], output_format="list")[0]
+    assert run.info.run_name == "cnn_small-width0.125-batch_size16-val_fraction0.25-epochs1"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "cnn_small", "--data", "/no/such/data"], "error: data source not found: /no/such/data (pass --data"),
+        (["train", "nope"], "error: no recipe 'nope'"),
+        (["train", "cnn_small", "--set", "colour=red"], "error: unknown parameter 'colour'"),
+        (["data", "info", "/no/such/data"], "error: data source not found"),
+    ],
+)
+def test_fixable_errors_are_one_line_with_status_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_data_info_prints_counts_and_writes_a_grid(folder_data, tmp_path, capsys):
+    out_png = tmp_path / "grid.png"
+    main(["data", "info", str(folder_data), "--out", str(out_png)])
+    out = capsys.readouterr().out
+    assert "36 train, 12 test, 3 classes" in out
+    assert "sha256:" in out and out_png.read_bytes()[:4] == b"\x89PNG"
+    assert any(line.split() == ["cat", "12", "4"] for line in out.splitlines())
+
+
+def test_run_name_shows_the_distinguishing_params():
+    assert run_name("wrn", {"depth": 16, "width": 4, "data": "/x", "epochs": 10}) == "wrn-depth16-width4-epochs10"
+
+
+@pytest.mark.slow
+def test_mlflow_run_entry_point(train_data, tmp_path):
+    """`mlflow run . -e cnn_small` with typed -P parameters trains and logs one finished run."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    bindir = os.path.dirname(sys.executable)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    cmd = [os.path.join(bindir, "mlflow"), "run", str(REPO), "-e", "cnn_small", "--env-manager", "local",
+           "--experiment-name", "cifarflow/cnn_small", "-P", f"data={train_data}", "-P", "epochs=1",
+           "-P", "width=0.125", "-P", "batch_size=16", "-P", "warmup_epochs=0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["cifarflow/cnn_small"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "test_accuracy" in runs[0].data.metrics and runs[0].data.params["width"] == "0.125"

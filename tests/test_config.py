@@ -1,0 +1,80 @@
+"""Recipe resolution: overrides, typing, validation errors, logged params."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from cifarflow import config
+from cifarflow.errors import CifarflowError
+
+
+def test_recipes_resolve_with_typed_model_params():
+    cfg = config.resolve("cnn")
+    assert cfg.model == "cnn" and cfg.model_params["width"] == 1.0 and cfg.model_params["depth"] == 2
+    assert (cfg.optimizer, cfg.nesterov, cfg.momentum, cfg.label_smoothing) == ("sgd", True, 0.9, 0.1)
+    small = config.resolve("cnn_small")
+    assert small.model_params["width"] == 0.5
+
+
+def test_overrides_reach_training_and_model_settings_with_types():
+    overrides = config.parse_overrides(["epochs=3", "width=0.25", "model.dropout=0.1", "flip=false", "limit=null"])
+    cfg = config.resolve("cnn", {**overrides, "depth": "1"})
+    assert cfg.epochs == 3 and isinstance(cfg.epochs, int)
+    assert cfg.model_params["width"] == 0.25 and cfg.model_params["dropout"] == 0.1
+    assert cfg.model_params["depth"] == 1 and cfg.flip is False and cfg.limit is None
+
+
+def test_params_are_flat_and_yaml_roundtrips(tmp_path):
+    cfg = config.resolve("cnn_small", {"epochs": 2})
+    params = cfg.params()
+    assert params["epochs"] == 2 and params["width"] == 0.5 and params["recipe"] == "cnn_small"
+    assert "model_params" not in params
+    path = tmp_path / "again.yaml"
+    path.write_text(cfg.to_yaml())
+    again = config.resolve(str(path))
+    assert again.params() == params  # a logged recipe.yaml replays the same run
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"epoch": 3}, r"unknown parameter 'epoch' .*training settings: .*epochs"),
+        ({"widht": 2}, r"unknown parameter 'widht'.*model parameters: width"),
+        ({"epochs": "many"}, r"bad value for 'epochs'"),
+        ({"learning_rate": -1}, r"bad value for 'learning_rate'"),
+        ({"optimizer": "lion"}, r"bad value for 'optimizer'"),
+        ({"depth": "deep"}, r"bad value for model parameter 'depth'"),
+        ({"reduce_lr_patience": 3}, r"reduce_lr_patience needs schedule=constant"),
+        ({"val_fraction": 0, "early_stopping_patience": 2}, r"needs a validation split"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(overrides, message):
+    with pytest.raises(CifarflowError, match=message) as e:
+        config.resolve("cnn", overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(CifarflowError, match=r"no recipe 'wnr'.*use one of: cnn, cnn_small"):
+        config.resolve("wnr")
+
+
+def test_recipe_without_model_section(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"epochs": 3}))
+    with pytest.raises(CifarflowError, match="no 'model:' mapping"):
+        config.resolve(str(bad))
+
+
+def test_unknown_model_name(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"name": "resnet9000"}}))
+    with pytest.raises(CifarflowError, match="unknown model 'resnet9000'.*use one of: cnn"):
+        config.resolve(str(bad))
+
+
+def test_override_syntax():
+    with pytest.raises(CifarflowError, match="write it as key=value"):
+        config.parse_overrides(["epochs"])
+    assert config.parse_overrides(["a=0.5", "b=true", "c=x=y"]) == {"a": 0.5, "b": True, "c": "x=y"}

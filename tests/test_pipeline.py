@@ -1,0 +1,64 @@
+"""Input pipeline: shapes, dtypes, value range, augmentation on train only, seeded shuffling."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cifarflow import config, pipeline
+
+
+def _arrays(n=40, classes=4):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8), np.arange(n) % classes
+
+
+def test_batches_are_float_pixels_and_one_hot_labels():
+    x, y = _arrays()
+    cfg = config.resolve("cnn_small")
+    ds = pipeline.make_dataset(x, y, 4, 16, training=True, augment=pipeline.augmentation(cfg), seed=1)
+    batches = list(ds.as_numpy_iterator())
+    assert [b[0].shape for b in batches] == [(16, 32, 32, 3), (16, 32, 32, 3), (8, 32, 32, 3)]
+    images, labels = batches[0]
+    assert images.dtype == np.float32 and labels.dtype == np.float32 and labels.shape == (16, 4)
+    assert images.min() >= 0 and images.max() <= 255
+    np.testing.assert_array_equal(labels.sum(axis=1), 1.0)
+
+
+def test_evaluation_batches_are_the_images_unchanged_and_in_order():
+    x, y = _arrays()
+    images, labels = next(pipeline.make_dataset(x, y, 4, 40, training=False).as_numpy_iterator())
+    np.testing.assert_array_equal(images, x.astype(np.float32))
+    np.testing.assert_array_equal(labels.argmax(1), y)
+
+
+def test_default_augmentation_is_crop_and_flip_and_changes_images():
+    cfg = config.resolve("cnn_small")
+    aug = pipeline.augmentation(cfg, seed=3)
+    assert [l.name for l in aug.layers] == ["pad_crop", "flip"]
+    x, _ = _arrays(8)
+    out = np.asarray(aug(x.astype(np.float32), training=True))
+    assert out.shape == x.shape
+    assert not np.array_equal(out, x)
+    # a pad-and-crop of at most 4 pixels: each output row is a shifted input row or zero fill
+    assert (out == 0).mean() < 0.3
+
+
+def test_optional_augmentations_and_none():
+    cfg = config.resolve("cnn_small", {"rotation": 0.05, "shift": 0.1, "zoom": 0.1, "brightness": 0.2, "contrast": 0.2})
+    names = [l.name for l in pipeline.augmentation(cfg).layers]
+    assert names == ["pad_crop", "flip", "rotation", "shift", "zoom", "brightness", "contrast"]
+    off = config.resolve("cnn_small", {"crop_padding": 0, "flip": False})
+    assert pipeline.augmentation(off) is None
+
+
+def test_shuffle_is_seeded():
+    x, y = _arrays()
+
+    def first_pixels(seed):
+        ds = pipeline.make_dataset(x, y, 4, 40, training=True, seed=seed)
+        return next(ds.as_numpy_iterator())[0][:, 0, 0, 0]
+
+    np.testing.assert_array_equal(first_pixels(5), first_pixels(5))
+    assert not np.array_equal(first_pixels(5), first_pixels(6))
+    assert not np.array_equal(first_pixels(5), x[:, 0, 0, 0].astype(np.float32))
+    np.testing.assert_array_equal(np.sort(first_pixels(5)), np.sort(x[:, 0, 0, 0].astype(np.float32)))

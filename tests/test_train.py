@@ -1,0 +1,97 @@
+"""End to end on tiny data: one run logs every metric, tag and artifact; reloads; is seeded; resumes."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+
+from cifarflow import config, data, tracking
+from cifarflow.errors import CifarflowError
+from cifarflow.train import train
+
+TINY = {"width": 0.125, "dense_units": 16, "batch_size": 16, "val_fraction": 0.25, "warmup_epochs": 0}
+EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second"}
+FINAL_METRICS = {"test_accuracy", "test_loss", "nll", "macro_f1", "train_seconds", "params", "trainable_params"}
+ARTIFACTS = {"recipe.yaml", "training_curves.png", "confusion_matrix.png", "classification_report.json",
+             "classification_report.csv", "misclassified.png", "classes.json"}
+TAGS = {"cifarflow.recipe", "cifarflow.dataset_sha256", "cifarflow.git_commit", "cifarflow.keras_backend",
+        "cifarflow.tf_version", "cifarflow.host_cpu", "cifarflow.host_gpu"}
+
+
+def tiny_config(data_dir, **extra):
+    return config.resolve("cnn_small", {**TINY, "data": str(data_dir), "epochs": 1, **extra})
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_one_epoch_run_logs_everything_and_the_model_reloads(train_data):
+    result = train(tiny_config(train_data), quiet=True, run_name="cnn_small-tiny")
+    client = mlflow.tracking.MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "cnn_small-tiny"
+    assert client.get_experiment(run.info.experiment_id).name == "cifarflow/cnn_small"
+    assert EPOCH_METRICS | FINAL_METRICS <= set(run.data.metrics)
+    for key in EPOCH_METRICS:
+        assert [s for s, _ in history(client, result.run_id, key)] == [0]
+    assert run.data.params["epochs"] == "1" and run.data.params["width"] == "0.125"
+    assert run.data.params["train_images"] == "54" and run.data.params["val_images"] == "18"
+    assert TAGS <= set(run.data.tags)
+    ds = data.load(train_data)
+    assert run.data.tags["cifarflow.dataset_sha256"] == ds.checksum
+    assert ARTIFACTS <= {a.path for a in client.list_artifacts(result.run_id)}
+    assert run.data.tags["cifarflow.model_uri"] == result.model_uri
+    assert result.model_uri.startswith("models:/m-")
+
+    # reloaded by its models:/ URI, through pyfunc and the Keras flavour, it predicts what was evaluated
+    pyfunc = mlflow.pyfunc.load_model(result.model_uri)
+    probs = np.asarray(pyfunc.predict(ds.x_test.astype(np.float32)))
+    keras_probs = mlflow.keras.load_model(result.model_uri).predict(ds.x_test, verbose=0)
+    np.testing.assert_allclose(probs, keras_probs, atol=1e-5)
+    assert probs.shape == (18, 3)
+    assert (probs.argmax(1) == ds.y_test).mean() == pytest.approx(result.metrics["test_accuracy"])
+    assert run.data.metrics["test_accuracy"] == pytest.approx(result.metrics["test_accuracy"])
+
+
+def test_same_seed_gives_the_same_metrics(train_data):
+    cfg = tiny_config(train_data, epochs=2, seed=7)
+    a = train(cfg, quiet=True)
+    b = train(cfg, quiet=True)
+    client = mlflow.tracking.MlflowClient()
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        assert history(client, a.run_id, key) == history(client, b.run_id, key)
+    assert a.metrics["test_loss"] == b.metrics["test_loss"]
+
+
+def test_an_interrupted_run_resumes_from_its_last_epoch(train_data, monkeypatch):
+    cfg = tiny_config(train_data, epochs=3)
+    original = tracking.EpochLogger.on_epoch_end
+
+    def interrupt_after_second_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking.EpochLogger, "on_epoch_end", interrupt_after_second_epoch)
+    with pytest.raises(CifarflowError, match=r"training interrupted.*--resume (\w+)") as e:
+        train(cfg, quiet=True)
+    run_id = str(e.value).rsplit("--resume ", 1)[1].rstrip(")")
+    client = mlflow.tracking.MlflowClient()
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    monkeypatch.setattr(tracking.EpochLogger, "on_epoch_end", original)
+    result = train(cfg, quiet=True, resume=run_id)
+    assert result.run_id == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    steps = [s for s, _ in history(client, run_id, "epoch_seconds")]
+    assert steps.count(0) == 1  # epoch 0 was not trained again
+    assert sorted(set(steps)) == [0, 1, 2]
+
+
+def test_resuming_with_other_settings_is_refused(train_data):
+    first = train(tiny_config(train_data), quiet=True)
+    with pytest.raises(CifarflowError, match=r"logged with other settings \(epochs: 1 -> 2"):
+        train(tiny_config(train_data, epochs=2), quiet=True, resume=first.run_id)
