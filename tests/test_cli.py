@@ -67,3 +67,12 @@ def test_mlflow_run_entry_point(train_data, tmp_path):
     runs = mlflow.search_runs(experiment_names=["cifarflow/cnn_small"], output_format="list")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "test_accuracy" in runs[0].data.metrics and runs[0].data.params["width"] == "0.125"
+
+
+def test_a_real_process_prints_only_the_error_line(tmp_path):
+    """As a user sees it: TensorFlow's start-up chatter is held back, one line remains."""
+    exe = os.path.join(os.path.dirname(sys.executable), "cifarflow")
+    proc = subprocess.run([exe, "train", "cnn_small", "--set", "colour=red"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown parameter 'colour'") and proc.stderr.count("\n") == 1, proc.stderr

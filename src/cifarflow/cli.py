@@ -12,6 +12,30 @@ import click  # noqa: E402
 from cifarflow.errors import CifarflowError  # noqa: E402
 
 
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up log lines (absl, oneDNN, CUDA probes) held back.
+
+    TF 2.21 prints them before ``TF_CPP_MIN_LOG_LEVEL`` takes effect; they go to
+    a temporary file, which is replayed on stderr if the import fails.
+    """
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _short(value) -> str:
     return str(value).replace("/", "_")[:16]
 
@@ -42,6 +66,7 @@ def cli() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, resume, quiet) -> None:
     """Train RECIPE (a name in experiments/ or a .yaml path) and log it to MLflow."""
+    _import_tensorflow_quietly()
     from cifarflow import config as cfg
     from cifarflow.train import train as run_training
 
