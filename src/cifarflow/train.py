@@ -77,6 +77,36 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizer
     return keras.optimizers.Adam(lr, weight_decay=wd)
 
 
+def make_callbacks(config: TrainConfig, *, train_images: int, checkpoint_dir: Path, has_validation: bool,
+                   best_so_far: float | None = None) -> list[keras.callbacks.Callback]:
+    """The callbacks of a run, in order.
+
+    MLflow per-epoch logging; ``BackupAndRestore`` under ``checkpoint_dir/backup``
+    (resume); with a validation split, best-``val_accuracy`` weights to
+    ``checkpoint_dir/best.weights.h5`` (above ``best_so_far`` when resuming);
+    ``EarlyStopping`` on ``val_accuracy`` when ``early_stopping_patience`` is
+    set; ``ReduceLROnPlateau`` on ``val_loss`` (``loss`` without validation)
+    when ``reduce_lr_patience`` is set.
+    """
+    callbacks: list[keras.callbacks.Callback] = [
+        tracking.EpochLogger(train_images),
+        keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup")),
+    ]
+    if has_validation:
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            str(checkpoint_dir / "best.weights.h5"), monitor="val_accuracy", mode="max", save_best_only=True,
+            save_weights_only=True, initial_value_threshold=best_so_far,
+        ))
+    if config.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_accuracy", mode="max", patience=config.early_stopping_patience))
+    if config.reduce_lr_patience:
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss" if has_validation else "loss",
+            factor=config.reduce_lr_factor, patience=config.reduce_lr_patience))
+    return callbacks
+
+
 def _metric_history(run_id: str, keys) -> dict[str, list[float]]:
     """Per-epoch values logged so far (last value per step), also across a resume."""
     client = mlflow.tracking.MlflowClient()
@@ -166,22 +196,10 @@ def train(config: TrainConfig, *, quiet: bool = False, run_name: str | None = No
             "params": model.count_params(),
             "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         })
-        callbacks = [
-            tracking.EpochLogger(len(y_tr)),
-            keras.callbacks.BackupAndRestore(str(ckpt_dir / "backup")),
-        ]
-        if val_ds is not None:
-            callbacks.append(keras.callbacks.ModelCheckpoint(
-                str(best_file), monitor="val_accuracy", mode="max", save_best_only=True,
-                save_weights_only=True, initial_value_threshold=max(history["val_accuracy"], default=None),
-            ))
-        if config.early_stopping_patience:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", mode="max", patience=config.early_stopping_patience))
-        if config.reduce_lr_patience:
-            callbacks.append(keras.callbacks.ReduceLROnPlateau(
-                monitor="val_loss" if val_ds is not None else "loss",
-                factor=config.reduce_lr_factor, patience=config.reduce_lr_patience))
+        callbacks = make_callbacks(
+            config, train_images=len(y_tr), checkpoint_dir=ckpt_dir, has_validation=val_ds is not None,
+            best_so_far=max(history["val_accuracy"], default=None),
+        )
 
         started = time.perf_counter()
         try:

@@ -1,0 +1,61 @@
+"""Optimizer schedule (warmup then cosine) and the callbacks each recipe option switches on."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from cifarflow import config
+from cifarflow.train import make_callbacks, make_optimizer
+
+
+def lr_at(optimizer, step):
+    return float(np.asarray(optimizer._learning_rate(step)))
+
+
+def test_linear_warmup_then_cosine_decay_to_the_minimum():
+    cfg = config.resolve("cnn", {"epochs": 10, "learning_rate": 0.2, "warmup_epochs": 2, "min_learning_rate": 0.002})
+    opt = make_optimizer(cfg, steps_per_epoch=100)
+    assert isinstance(opt, keras.optimizers.SGD) and opt.nesterov and opt.momentum == 0.9
+    assert opt.weight_decay == pytest.approx(5e-4)
+    assert lr_at(opt, 0) == pytest.approx(0.0)
+    assert lr_at(opt, 100) == pytest.approx(0.1, rel=1e-4)       # half-way through warmup
+    assert lr_at(opt, 200) == pytest.approx(0.2, rel=1e-4)       # peak
+    assert lr_at(opt, 600) == pytest.approx(0.002 + (0.2 - 0.002) * 0.5, rel=1e-3)  # cosine midpoint
+    assert lr_at(opt, 1000) == pytest.approx(0.002, rel=1e-3)
+
+
+def test_constant_schedule_and_other_optimizers():
+    cfg = config.resolve("cnn", {"schedule": "constant", "optimizer": "adamw", "learning_rate": 0.003})
+    opt = make_optimizer(cfg, steps_per_epoch=10)
+    assert isinstance(opt, keras.optimizers.AdamW)
+    assert float(np.asarray(opt.learning_rate)) == pytest.approx(0.003)
+
+
+def _kinds(callbacks):
+    return [type(c).__name__ for c in callbacks]
+
+
+def test_default_callbacks(tmp_path):
+    cbs = make_callbacks(config.resolve("cnn"), train_images=10, checkpoint_dir=tmp_path, has_validation=True)
+    assert _kinds(cbs) == ["EpochLogger", "BackupAndRestore", "ModelCheckpoint"]
+    ckpt = cbs[2]
+    assert ckpt.monitor == "val_accuracy" and ckpt.save_best_only
+
+
+def test_early_stopping_and_reduce_lr_on_plateau(tmp_path):
+    cfg = config.resolve("cnn", {"early_stopping_patience": 4, "reduce_lr_patience": 2,
+                                 "reduce_lr_factor": 0.2, "schedule": "constant"})
+    cbs = make_callbacks(cfg, train_images=10, checkpoint_dir=tmp_path, has_validation=True, best_so_far=0.7)
+    by_kind = dict(zip(_kinds(cbs), cbs))
+    assert by_kind["EarlyStopping"].patience == 4 and by_kind["EarlyStopping"].monitor == "val_accuracy"
+    assert by_kind["ReduceLROnPlateau"].patience == 2 and by_kind["ReduceLROnPlateau"].factor == 0.2
+    assert by_kind["ModelCheckpoint"].best == 0.7  # a resumed run keeps its best checkpoint
+
+
+def test_without_validation_no_checkpoint_and_plateau_watches_training_loss(tmp_path):
+    cfg = config.resolve("cnn", {"val_fraction": 0, "reduce_lr_patience": 2, "schedule": "constant"})
+    cbs = make_callbacks(cfg, train_images=10, checkpoint_dir=tmp_path, has_validation=False)
+    assert "ModelCheckpoint" not in _kinds(cbs)
+    assert cbs[-1].monitor == "loss"
