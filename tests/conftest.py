@@ -22,6 +22,9 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFARFLOW_CHECKPOINTS", str(tmp_path / "checkpoints"))
     monkeypatch.setenv("CIFARFLOW_RECIPES", str(REPO / "experiments"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # the process-wide URI wins over the env
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     monkeypatch.delenv("CIFARFLOW_DATA", raising=False)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):

@@ -58,6 +58,16 @@ class TrainConfig(pydantic.BaseModel):
     zoom: float = pydantic.Field(0.0, ge=0, lt=1)
     brightness: float = pydantic.Field(0.0, ge=0, le=1)
     contrast: float = pydantic.Field(0.0, ge=0, le=1)
+    randaugment_ops: int = pydantic.Field(0, ge=0)  # 0: off (Cubuk et al. 2020)
+    randaugment_magnitude: float = pydantic.Field(0.5, ge=0, le=1)
+    # batch-level mixing (soft labels); 0 disables each
+    mixup_alpha: float = pydantic.Field(0.0, ge=0)
+    cutmix_alpha: float = pydantic.Field(0.0, ge=0)
+    mix_prob: float = pydantic.Field(1.0, ge=0, le=1)
+
+    # evaluation and numerics
+    tta: Literal["none", "flip"] = "none"
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
 
     # callbacks
     early_stopping_patience: int | None = pydantic.Field(None, ge=1)

@@ -42,6 +42,31 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names) -
     }
 
 
+def predict(model, x: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
+    """Softmax probabilities of ``model`` on raw pixels, optionally with test-time augmentation.
+
+    Args:
+        model: a Keras model (raw 0..255 pixels in, probabilities out).
+        x: images (N, 32, 32, 3), uint8 or float32, 0..255.
+        tta: ``"none"``, or ``"flip"`` to average the probabilities of each
+            image and its horizontal mirror.
+        batch_size: images per forward pass.
+
+    Returns:
+        float32 array (N, num_classes).
+
+    Raises:
+        ValueError: unknown ``tta``.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    probs = model.predict(x, batch_size=batch_size, verbose=0)
+    if tta == "flip":
+        probs = (probs + model.predict(x[:, :, ::-1, :], batch_size=batch_size, verbose=0)) / 2
+    elif tta != "none":
+        raise ValueError(f"unknown tta '{tta}' (use none or flip)")
+    return np.asarray(probs, dtype=np.float32)
+
+
 def report_csv(report: dict) -> str:
     """scikit-learn's ``output_dict`` report as CSV (class, precision, recall, f1-score, support)."""
     lines = ["class,precision,recall,f1-score,support"]

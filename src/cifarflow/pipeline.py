@@ -8,8 +8,10 @@ import tensorflow as tf
 
 from cifarflow.config import TrainConfig
 
+F32 = "float32"  # input-pipeline layers compute in float32 whatever the global dtype policy
 
-def augmentation(config: TrainConfig, seed: int = 42, image_size: int = 32) -> keras.Sequential | None:
+
+def augmentation(config: TrainConfig, seed: int = 42, image_size: int = 32) -> keras.layers.Pipeline | None:
     """Keras preprocessing layers for the training split, or None when all are off.
 
     Default CIFAR-10 augmentation (He et al. 2016): translate by up to
@@ -17,27 +19,90 @@ def augmentation(config: TrainConfig, seed: int = 42, image_size: int = 32) -> k
     pixels and taking a random 32x32 crop) and a random horizontal flip.
     Options: ``rotation`` (fraction of a full turn), ``shift`` (fraction of the
     size, reflected fill), ``zoom`` (fraction), ``brightness`` (fraction of the
-    0..255 range), ``contrast`` (factor). Layers act per image on float32 batches
-    of 0..255 pixels and are seeded from ``seed``.
+    0..255 range), ``contrast`` (factor), RandAugment (Cubuk et al. 2020) with
+    ``randaugment_ops`` ops of magnitude ``randaugment_magnitude``. Layers act per
+    image on float32 batches of 0..255 pixels, are seeded from ``seed`` and stay
+    float32 under a mixed-precision policy. A ``keras.layers.Pipeline`` (unlike
+    ``Sequential``) runs inside tf.data whatever the Keras backend.
     """
     L = keras.layers
     steps: list[keras.layers.Layer] = []
     if config.crop_padding:
         f = config.crop_padding / image_size
-        steps.append(L.RandomTranslation(f, f, fill_mode="constant", interpolation="nearest", seed=seed, name="pad_crop"))
+        steps.append(L.RandomTranslation(f, f, fill_mode="constant", interpolation="nearest", seed=seed, name="pad_crop", dtype=F32))
     if config.flip:
-        steps.append(L.RandomFlip("horizontal", seed=seed + 1, name="flip"))
+        steps.append(L.RandomFlip("horizontal", seed=seed + 1, name="flip", dtype=F32))
     if config.rotation:
-        steps.append(L.RandomRotation(config.rotation, fill_mode="reflect", seed=seed + 2, name="rotation"))
+        steps.append(L.RandomRotation(config.rotation, fill_mode="reflect", seed=seed + 2, name="rotation", dtype=F32))
     if config.shift:
-        steps.append(L.RandomTranslation(config.shift, config.shift, fill_mode="reflect", seed=seed + 3, name="shift"))
+        steps.append(L.RandomTranslation(config.shift, config.shift, fill_mode="reflect", seed=seed + 3, name="shift", dtype=F32))
     if config.zoom:
-        steps.append(L.RandomZoom(config.zoom, fill_mode="reflect", seed=seed + 4, name="zoom"))
+        steps.append(L.RandomZoom(config.zoom, fill_mode="reflect", seed=seed + 4, name="zoom", dtype=F32))
     if config.brightness:
-        steps.append(L.RandomBrightness(config.brightness, value_range=(0, 255), seed=seed + 5, name="brightness"))
+        steps.append(L.RandomBrightness(config.brightness, value_range=(0, 255), seed=seed + 5, name="brightness", dtype=F32))
     if config.contrast:
-        steps.append(L.RandomContrast(config.contrast, value_range=(0, 255), seed=seed + 6, name="contrast"))
-    return keras.Sequential(steps, name="augmentation") if steps else None
+        steps.append(L.RandomContrast(config.contrast, value_range=(0, 255), seed=seed + 6, name="contrast", dtype=F32))
+    if config.randaugment_ops:
+        steps.append(L.RandAugment(value_range=(0, 255), num_ops=config.randaugment_ops,
+                                   factor=config.randaugment_magnitude, seed=seed + 7, name="randaugment", dtype=F32))
+    return keras.layers.Pipeline(steps, name="augmentation") if steps else None
+
+
+def _gate(layer, mix_weight, seed):
+    """Keep ``mix_weight`` with probability ``layer.probability`` per image, else 1 (no mixing)."""
+    if layer.probability >= 1.0:
+        return mix_weight
+    b = layer.backend
+    keep = b.random.uniform(b.shape(mix_weight), seed=seed) < layer.probability
+    return b.numpy.where(keep, mix_weight, b.numpy.ones_like(mix_weight))
+
+
+class MixUp(keras.layers.MixUp):
+    """Keras' MixUp (Zhang et al. 2018: per image, lambda ~ Beta(alpha, alpha), mixed with
+    a shuffled partner in the batch, labels mixed alike) applied to each image with
+    probability ``probability``. Safe in tf.data with any backend."""
+
+    def __init__(self, alpha: float = 0.2, probability: float = 1.0, **kwargs):
+        super().__init__(alpha=alpha, **kwargs)
+        self.probability = probability
+
+    def get_random_transformation(self, data, training=True, seed=None):
+        t = super().get_random_transformation(data, training=training, seed=seed)
+        t["mix_weight"] = _gate(self, t["mix_weight"], seed or self._get_seed_generator(self.backend._backend))
+        return t
+
+    def get_config(self):
+        return {**super().get_config(), "probability": self.probability}
+
+
+class CutMix(keras.layers.CutMix):
+    """Keras' CutMix (Yun et al. 2019: a box of area 1 - lambda, lambda ~ Beta(alpha, alpha),
+    pasted from a shuffled partner, labels mixed by area) applied to each image with
+    probability ``probability``. Safe in tf.data with any backend."""
+
+    def __init__(self, alpha: float = 1.0, probability: float = 1.0, **kwargs):
+        super().__init__(factor=(alpha, alpha), **kwargs)
+        self.probability = probability
+
+    def _generate_mix_weight(self, batch_size, seed):
+        return _gate(self, super()._generate_mix_weight(batch_size, seed), seed)
+
+    def get_config(self):
+        return {**super().get_config(), "probability": self.probability}
+
+
+def mixing(config: TrainConfig, seed: int = 42) -> list[keras.layers.Layer]:
+    """Batch-level mixing layers of the recipe: MixUp (``mixup_alpha``) then CutMix
+    (``cutmix_alpha``), each on an image with probability ``mix_prob``, or with
+    ``mix_prob / 2`` each when both are on. Empty when both alphas are 0."""
+    both = bool(config.mixup_alpha and config.cutmix_alpha)
+    p = config.mix_prob / 2 if both else config.mix_prob
+    layers = []
+    if config.mixup_alpha:
+        layers.append(MixUp(config.mixup_alpha, probability=p, seed=seed + 11, name="mixup", dtype=F32))
+    if config.cutmix_alpha:
+        layers.append(CutMix(config.cutmix_alpha, probability=p, seed=seed + 12, name="cutmix", dtype=F32))
+    return layers
 
 
 def make_dataset(
@@ -47,7 +112,8 @@ def make_dataset(
     batch_size: int,
     *,
     training: bool,
-    augment: keras.Sequential | None = None,
+    augment: keras.layers.Pipeline | None = None,
+    mix: list[keras.layers.Layer] | None = None,
     seed: int = 42,
 ) -> tf.data.Dataset:
     """Batches of ``(pixels, one_hot)`` for ``model.fit`` / ``evaluate``.
@@ -59,6 +125,8 @@ def make_dataset(
         batch_size: images per batch (the last batch may be smaller).
         training: shuffle every epoch (seeded) and apply ``augment``.
         augment: layers from :func:`augmentation`, applied per batch.
+        mix: layers from :func:`mixing`, applied per batch after ``augment``
+            (training only); labels become soft, each row still summing to 1.
         seed: shuffle seed.
 
     Returns:
@@ -76,4 +144,13 @@ def make_dataset(
     ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
     if training and augment is not None:
         ds = ds.map(lambda i, l: (augment(i, training=True), l), num_parallel_calls=tf.data.AUTOTUNE)
+    if training and mix:
+
+        def mix_batch(images, labels):
+            batch = {"images": images, "labels": labels}
+            for layer in mix:
+                batch = layer(batch, training=True)
+            return batch["images"], batch["labels"]
+
+        ds = ds.map(mix_batch, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -132,6 +132,21 @@ def _start_run(config: TrainConfig, run_name: str | None, resume: str | None):
 
 def train(config: TrainConfig, *, quiet: bool = False, run_name: str | None = None,
           resume: str | None = None) -> TrainResult:
+    """Train ``config`` end to end under its dtype ``precision``; see :func:`_train`.
+
+    The Keras global dtype policy is set to ``config.precision`` (float32,
+    mixed_float16 or mixed_bfloat16; the softmax layer stays float32) for the
+    run and restored afterwards.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(config.precision)
+    try:
+        return _train(config, quiet=quiet, run_name=run_name, resume=resume)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: str | None) -> TrainResult:
     """Train ``config`` end to end and record everything in one MLflow run.
 
     Loads and splits the data (seeded, stratified validation split; the test
@@ -171,9 +186,10 @@ def train(config: TrainConfig, *, quiet: bool = False, run_name: str | None = No
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
     )
-    augment = pipeline.augmentation(config, seed=config.seed)
-    train_ds = pipeline.make_dataset(x_tr, y_tr, ds.num_classes, config.batch_size, training=True,
-                                     augment=augment, seed=config.seed)
+    train_ds = pipeline.make_dataset(
+        x_tr, y_tr, ds.num_classes, config.batch_size, training=True, seed=config.seed,
+        augment=pipeline.augmentation(config, seed=config.seed), mix=pipeline.mixing(config, seed=config.seed),
+    )
     val_ds = (pipeline.make_dataset(x_val, y_val, ds.num_classes, config.batch_size, training=False)
               if len(y_val) else None)
     test_ds = pipeline.make_dataset(ds.x_test, ds.y_test, ds.num_classes, config.batch_size, training=False)
@@ -216,12 +232,15 @@ def train(config: TrainConfig, *, quiet: bool = False, run_name: str | None = No
             model.load_weights(str(best_file))
 
         test_loss, _ = model.evaluate(test_ds, verbose=0)
-        probs = model.predict(test_ds, verbose=0)
+        probs = evaluation.predict(model, ds.x_test, batch_size=config.batch_size)
         scores = evaluation.classification_metrics(ds.y_test, probs, ds.class_names)
         metrics = {
             "test_accuracy": scores["accuracy"], "test_loss": float(test_loss), "nll": scores["nll"],
             "macro_f1": scores["macro_f1"], "train_seconds": train_seconds,
         }
+        if config.tta != "none":
+            tta_probs = evaluation.predict(model, ds.x_test, tta=config.tta, batch_size=config.batch_size)
+            metrics["test_accuracy_tta"] = float((tta_probs.argmax(1) == ds.y_test).mean())
         mlflow.log_metrics(metrics)
 
         curves = _metric_history(run_id, ["train_loss", "val_loss", "train_accuracy", "val_accuracy"])

@@ -10,9 +10,17 @@ import pydantic
 
 from cifarflow.errors import CifarflowError
 from cifarflow.models.cnn import build_cnn
+from cifarflow.models.plain import build_simple5, build_vgg10
+from cifarflow.models.resnet import build_resnet, build_wrn
+from cifarflow.models.vit import build_vit
 
 BUILDERS: dict[str, Callable[..., keras.Model]] = {
     "cnn": build_cnn,
+    "simple5": build_simple5,
+    "vgg10": build_vgg10,
+    "resnet20": build_resnet,
+    "wrn": build_wrn,
+    "vit": build_vit,
 }
 # Arguments the trainer supplies from the data, never from a recipe.
 DATA_ARGUMENTS = ("num_classes", "mean", "std")
