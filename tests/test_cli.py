@@ -76,3 +76,21 @@ def test_a_real_process_prints_only_the_error_line(tmp_path):
                           timeout=300, cwd=tmp_path, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown parameter 'colour'") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_mlproject_entry_points_match_the_recipes():
+    """Every recipe has an entry point whose parameter defaults are the recipe's own values."""
+    import yaml
+
+    from cifarflow import config
+
+    entry_points = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
+    for recipe in config.available_recipes():
+        assert recipe in entry_points, f"no MLproject entry point for recipe {recipe}"
+        params = config.resolve(recipe).params()
+        for key, spec in entry_points[recipe]["parameters"].items():
+            assert f"{{{key}}}" in entry_points[recipe]["command"], f"{recipe}: {key} is not passed on"
+            if key in ("data", "limit"):
+                continue
+            default = config.parse_value(str(spec["default"]))
+            assert default == params[key], f"{recipe}.{key}: MLproject {default!r} != recipe {params[key]!r}"
