@@ -32,18 +32,14 @@ def main(data: str, recipe: str, steps: int, rounds: int) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from cifarflow import config, data as datamod, models, pipeline
-    from cifarflow.train import make_optimizer, pixel_stats
+    from cifarflow import config, data as datamod, pipeline
+    from cifarflow.train import build_and_compile
 
     cfg = config.resolve(recipe, {"data": data})
     ds = datamod.load(cfg.data)
     n = steps * cfg.batch_size
     x, y = ds.x_train[:n], ds.y_train[:n]
-    mean, std = pixel_stats(x)
-    model = models.build(cfg.model, num_classes=ds.num_classes, mean=mean, std=std, **cfg.model_params)
-    model.compile(optimizer=make_optimizer(cfg, steps),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-                  metrics=["accuracy"])
+    model = build_and_compile(cfg, ds.num_classes, x)
     augment = pipeline.augmentation(cfg, seed=cfg.seed)
 
     real = pipeline.make_dataset(x, y, ds.num_classes, cfg.batch_size, training=True, augment=augment, seed=cfg.seed)

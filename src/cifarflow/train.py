@@ -107,6 +107,20 @@ def make_callbacks(config: TrainConfig, *, train_images: int, checkpoint_dir: Pa
     return callbacks
 
 
+def build_and_compile(config: TrainConfig, num_classes: int, x_train: np.ndarray) -> keras.Model:
+    """The recipe's model, normalized with ``x_train``'s pixel statistics and compiled
+    with its optimizer, schedule (``ceil(len(x_train) / batch_size)`` steps per
+    epoch), label-smoothed cross-entropy and accuracy."""
+    mean, std = pixel_stats(x_train)
+    model = models.build(config.model, num_classes=num_classes, mean=mean, std=std, **config.model_params)
+    model.compile(
+        optimizer=make_optimizer(config, math.ceil(len(x_train) / config.batch_size)),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+    )
+    return model
+
+
 def _metric_history(run_id: str, keys) -> dict[str, list[float]]:
     """Per-epoch values logged so far (last value per step), also across a resume."""
     client = mlflow.tracking.MlflowClient()
@@ -178,14 +192,7 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
     ds = data.load(config.data, skip_corrupt=config.skip_corrupt, resize=config.resize)
     x_all, y_all = data.limit_per_class(ds.x_train, ds.y_train, config.limit, config.seed)
     x_tr, y_tr, x_val, y_val = data.train_val_split(x_all, y_all, config.val_fraction, config.seed)
-    mean, std = pixel_stats(x_tr)
-    model = models.build(config.model, num_classes=ds.num_classes, mean=mean, std=std, **config.model_params)
-    steps = math.ceil(len(y_tr) / config.batch_size)
-    model.compile(
-        optimizer=make_optimizer(config, steps),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=["accuracy"],
-    )
+    model = build_and_compile(config, ds.num_classes, x_tr)
     train_ds = pipeline.make_dataset(
         x_tr, y_tr, ds.num_classes, config.batch_size, training=True, seed=config.seed,
         augment=pipeline.augmentation(config, seed=config.seed), mix=pipeline.mixing(config, seed=config.seed),
