@@ -137,3 +137,12 @@ def test_resnet20_trains_under_the_jax_backend(train_data):
     assert run.data.tags["cifarflow.keras_backend"] == "jax"
     assert run.info.status == "FINISHED" and "test_accuracy_tta" in run.data.metrics
     assert np.isfinite(run.data.metrics["train_loss"])
+
+
+def test_git_commit_names_the_code_checkout_from_anywhere(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)  # not a git checkout
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tracking.__file__.rsplit("/", 1)[0],
+                          capture_output=True, text=True).stdout.strip()
+    assert tracking.git_commit().split("-")[0] == head and len(head) == 40

@@ -35,14 +35,20 @@ def experiment_name(recipe: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD commit of the working directory's git checkout (``-dirty`` if modified), or ``unknown``."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """HEAD commit of the code that runs (``-dirty`` if modified), or ``unknown``.
+
+    The checkout holding the cifarflow package (an editable install) is asked
+    first, then the working directory's (e.g. a copy launched by ``mlflow run``).
+    """
+    for where in (Path(__file__).resolve().parent, Path.cwd()):
+        try:
+            run = lambda *args: subprocess.run(["git", *args], cwd=where, capture_output=True,  # noqa: E731
+                                               text=True, timeout=10, check=True).stdout.strip()
+            sha = run("rev-parse", "HEAD")
+            return sha + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return "unknown"
 
 
 def host_cpu() -> str:
