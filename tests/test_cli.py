@@ -19,7 +19,7 @@ def test_train_command_prints_the_run(train_data, capsys):
     out = capsys.readouterr().out
     assert out.startswith("run ") and "test_accuracy=" in out and "models:/m-" in out
     run = mlflow.search_runs(experiment_names=["cifarflow/cnn_small"], output_format="list")[0]
-    assert run.info.run_name == "cnn_small-width0.125-batch_size16-val_fraction0.25-epochs1"
+    assert run.info.run_name == "cnn_small-val_fraction0.25-epochs1-batch_size16-width0.125"
 
 
 @pytest.mark.parametrize(
@@ -48,8 +48,12 @@ def test_data_info_prints_counts_and_writes_a_grid(folder_data, tmp_path, capsys
     assert any(line.split() == ["cat", "12", "4"] for line in out.splitlines())
 
 
-def test_run_name_shows_the_distinguishing_params():
-    assert run_name("wrn", {"depth": 16, "width": 4, "data": "/x", "epochs": 10}) == "wrn-depth16-width4-epochs10"
+def test_run_name_shows_only_params_that_differ_from_the_recipe():
+    from cifarflow import config
+
+    cfg = config.resolve("wrn", {"depth": 16, "width": 4, "data": "/x/y", "epochs": 10, "learning_rate": 0.1})
+    assert run_name(cfg, "wrn") == "wrn-epochs10-depth16-width4"
+    assert run_name(config.resolve("cnn_small"), "cnn_small") == "cnn_small"
 
 
 @pytest.mark.slow
@@ -66,6 +70,7 @@ def test_mlflow_run_entry_point(train_data, tmp_path):
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["cifarflow/cnn_small"], output_format="list")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].info.run_name == "cnn_small-epochs1-batch_size16-warmup_epochs0.0-width0.125"
     assert "test_accuracy" in runs[0].data.metrics and runs[0].data.params["width"] == "0.125"
 
 

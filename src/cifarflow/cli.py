@@ -36,14 +36,19 @@ def _import_tensorflow_quietly() -> None:
             os.close(saved)
 
 
-def _short(value) -> str:
-    return str(value).replace("/", "_")[:16]
+def run_name(config, recipe: str) -> str:
+    """``<recipe>-<params that differ from the recipe's defaults>``, e.g. ``wrn-epochs10-depth16-width4``.
 
+    ``data`` and ``seed`` are left out; ``mlflow run`` passes every parameter
+    explicitly, so only values that differ from the recipe file count.
+    """
+    from cifarflow import config as cfg
 
-def run_name(recipe: str, overrides: dict) -> str:
-    """``<recipe>-<short distinguishing params>``, e.g. ``cnn_small-e30-width0.5``."""
-    parts = [recipe] + [f"{k.removeprefix('model.')}{_short(v)}" for k, v in overrides.items()
-                        if v is not None and k not in ("data", "seed", "skip_corrupt", "resize")]
+    defaults = cfg.resolve(recipe).params()
+    parts = [config.recipe] + [
+        f"{k}{str(v).replace('/', '_')[:16]}" for k, v in config.params().items()
+        if k not in ("data", "seed") and defaults.get(k) != v
+    ]
     return "-".join(parts)
 
 
@@ -74,7 +79,7 @@ def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, resume,
     overrides.update({k: v for k, v in dict(data=data, epochs=epochs, limit=limit, seed=seed,
                                             skip_corrupt=skip_corrupt, resize=resize).items() if v is not None})
     config = cfg.resolve(recipe, overrides)
-    result = run_training(config, quiet=quiet, run_name=run_name(config.recipe, overrides), resume=resume)
+    result = run_training(config, quiet=quiet, run_name=run_name(config, recipe), resume=resume)
     m = result.metrics
     click.echo(f"run {result.run_id}: test_accuracy={m['test_accuracy']:.4f} test_loss={m['test_loss']:.4f} "
                f"train_seconds={m['train_seconds']:.0f} model={result.model_uri}")

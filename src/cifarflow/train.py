@@ -138,8 +138,11 @@ def _start_run(config: TrainConfig, run_name: str | None, resume: str | None):
         except Exception as exc:
             raise CifarflowError(f"cannot resume run {resume}: {exc}".splitlines()[0],
                                  "pass the run id printed when the run was interrupted") from None
-    if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: use its run
-        return mlflow.start_run()
+    if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: use its run, with our name
+        run = mlflow.start_run()
+        if run_name:
+            mlflow.tracking.MlflowClient().update_run(run.info.run_id, name=run_name)
+        return run
     mlflow.set_experiment(tracking.experiment_name(config.recipe))
     return mlflow.start_run(run_name=run_name or f"{config.recipe}-e{config.epochs}")
 
