@@ -89,3 +89,38 @@ def train_data(tmp_path) -> Path:
     root = tmp_path / "train_data"
     write_class_folders(root, per_class=(24, 6))
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory):
+    """One tiny cnn trained once per session in its own folder (MLflow store, artifacts, data); returns (folder, TrainResult)."""
+    root = tmp_path_factory.mktemp("trained_store")
+    data = root / "train_data"
+    write_class_folders(data, per_class=(24, 6))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CIFARFLOW_CACHE", str(root / "cache"))
+        mp.setenv("CIFARFLOW_CHECKPOINTS", str(root / "checkpoints"))
+        mp.setenv("CIFARFLOW_RECIPES", str(REPO / "experiments"))
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("KERAS_HOME", str(root / "keras_home"))
+        mp.delenv("CIFARFLOW_DATA", raising=False)
+        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(var, raising=False)
+        mp.chdir(root)
+        from cifarflow import config
+        from cifarflow.train import train
+
+        result = train(config.resolve("cnn_small", {
+            "width": 0.125, "dense_units": 16, "batch_size": 16, "val_fraction": 0.25, "warmup_epochs": 0,
+            "epochs": 1, "data": str(data)}), quiet=True)
+    return root, result
+
+
+@pytest.fixture
+def trained(trained_store, tmp_path):
+    """The session's tiny trained run, in this test's own MLflow store (a copy of the session's database)."""
+    import shutil
+
+    root, result = trained_store
+    shutil.copyfile(root / "mlflow.db", tmp_path / "mlflow.db")
+    return result
