@@ -280,7 +280,7 @@ def export(model_ref: str, formats: list[str], quantize: list[str] | None = None
         name, version, run_id, uri = ref.name, ref.version, ref.run_id, ref.uri
     out_dir = Path(out_dir or Path("export") / name / (version or ""))
     run = client.get_run(run_id)
-    ds = _test_data(run, data)
+    ds = _test_data(run, data or None)
     model = mlflow.keras.load_model(uri)
     x_test = ds.x_test.astype(np.float32)
     reference = model.predict(x_test, batch_size=256, verbose=0).astype(np.float64)
