@@ -189,6 +189,7 @@ def pull(model, fmt, quantize, dest) -> None:
 
     from cifarflow import registry
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     path = registry.pull(model, fmt, Path(dest), quantize=quantize)
     click.echo(f"{path} and {Path(dest) / 'model_card.json'}")
 

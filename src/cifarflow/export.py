@@ -201,13 +201,16 @@ def _test_data(run, data: str | None):
     return ds
 
 
-def _log(results: list[ExportResult], target, out_dir: Path, parity_file: Path) -> str:
-    """Log the files and figures to a new export run (or `mlflow run`'s run) and as version tags; returns the run id."""
+def _log(results: list[ExportResult], parity_file: Path, name: str, version: str | None, source_run: str) -> str:
+    """Log the files and figures to a new export run (or `mlflow run`'s run) and as version tags; returns the run id.
+
+    A new run rather than the training run: a finished run stays as trained,
+    and its artifact store may be read-only for whoever exports.
+    """
     import mlflow
 
     from cifarflow import tracking
 
-    name, version, source_run = target
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment("cifarflow/export")
     label = f"{name}-v{version}" if version else name
@@ -271,7 +274,7 @@ def export(model_ref: str, formats: list[str], quantize: list[str] | None = None
     if bad or not formats:
         raise CifarflowError(f"unknown export format or quantization {bad or formats}",
                              f"use --format {'|'.join(FORMATS)}|all and --quantize {'|'.join(QUANTIZE)}")
-    client = registry._client()
+    client = registry.mlflow_client()
     if model_ref.startswith("models:/m-"):
         source = registry.resolve_source(model_ref)
         name, version, run_id, uri = source.model_id, None, source.run_id, model_ref
@@ -310,7 +313,7 @@ def export(model_ref: str, formats: list[str], quantize: list[str] | None = None
     previous = json.loads(parity_file.read_text()) if parity_file.is_file() else {}
     previous.update({r.kind: asdict(r) for r in results + failed})
     parity_file.write_text(json.dumps(previous, indent=2))
-    run_id_out = _log(results, (name, version, run_id), out_dir, parity_file) if log and results else None
+    run_id_out = _log(results, parity_file, name, version, run_id) if log and results else None
     if failed:
         raise CifarflowError(
             "parity check failed for " + "; ".join(

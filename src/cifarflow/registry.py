@@ -92,7 +92,8 @@ def load_policy(path: Path | None = None) -> Policy:
         raise CifarflowError(f"invalid registry policy {path}: {exc}", "fix the file; see registry/policy.yaml") from None
 
 
-def _client() -> MlflowClient:
+def mlflow_client() -> MlflowClient:
+    """An MLflow client on the configured tracking store (see :func:`cifarflow.tracking.configure`)."""
     tracking.configure()
     return MlflowClient()
 
@@ -127,7 +128,7 @@ def resolve_source(source: str | None = None, *, best_of: str | None = None,
         CifarflowError: none or both of ``source``/``best_of``, an unknown id
             or experiment, or no finished run with the metric.
     """
-    client = _client()
+    client = mlflow_client()
     if bool(source) == bool(best_of):
         raise CifarflowError("give exactly one of MODEL_URI, RUN_ID or --best-of EXPERIMENT",
                              "e.g. cifarflow register --best-of cifarflow/cnn_small")
@@ -195,7 +196,7 @@ def register(source: Source, name: str | None = None) -> VersionRef:
     Raises:
         CifarflowError: no registered name for the architecture.
     """
-    client = _client()
+    client = mlflow_client()
     run = client.get_run(source.run_id)
     name = name or registered_name(run.data.params, load_policy())
     t = run.data.tags
@@ -224,7 +225,7 @@ def resolve_version(ref: str) -> VersionRef:
     Raises:
         CifarflowError: unknown model, version or alias.
     """
-    client = _client()
+    client = mlflow_client()
     body = ref.removeprefix("models:/")
     try:
         if "@" in body:
@@ -289,7 +290,7 @@ def promote(name: str, *, force: bool = False) -> Decision:
         CifarflowError: unknown model, no challenger, or different test sets
             (without ``force``).
     """
-    client = _client()
+    client = mlflow_client()
     policy = load_policy()
     try:
         challenger = client.get_model_version_by_alias(name, CHALLENGER)
@@ -304,6 +305,7 @@ def promote(name: str, *, force: bool = False) -> Decision:
     new = _metric_of(client, name, challenger.version, metric)
     old = _metric_of(client, name, champion.version, metric) if champion else None
     before = str(champion.version) if champion else None
+    same_data = True
     if champion is None:
         decision, reason = "promoted", "no champion yet"
     elif before == str(challenger.version):
@@ -312,7 +314,8 @@ def promote(name: str, *, force: bool = False) -> Decision:
     else:
         new_sha = challenger.tags.get("cifarflow.dataset_sha256")
         old_sha = champion.tags.get("cifarflow.dataset_sha256")
-        if not new_sha or new_sha != old_sha:
+        same_data = bool(new_sha) and new_sha == old_sha
+        if not same_data:
             beats = False
             reason = f"different test sets: dataset sha256 {new_sha or 'unknown'} vs champion's {old_sha or 'unknown'}"
         else:
@@ -324,7 +327,7 @@ def promote(name: str, *, force: bool = False) -> Decision:
         if decision == "forced":
             reason = f"forced: {reason}"
     _record(client, name, challenger.version, decision, metric, new, old, before, reason, policy)
-    if decision == "rejected" and reason.startswith("different test sets"):
+    if decision == "rejected" and not same_data:
         raise CifarflowError(f"cannot compare {name} v{challenger.version} with champion v{before}: {reason}",
                              "evaluate both on the same data, or pass --force to promote anyway")
     promoted = decision != "rejected"
@@ -352,14 +355,18 @@ def _record(client, name, version, decision, metric, new, old, champion_version,
 
 
 def download_run_artifact(run_id: str, path: str, dest: Path) -> Path:
-    """Download one artifact file of a run into folder ``dest``; returns its local path."""
+    """Download one artifact file of a run into folder ``dest``; returns its local path.
+
+    Raises:
+        MlflowException: no such artifact.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dest)))
 
 
 def model_card(ref: VersionRef, fmt: str, file_name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``model_card.json`` content of a pulled version: classes, input and output spec, metrics, provenance."""
-    client = _client()
+    client = mlflow_client()
     mv = client.get_model_version(ref.name, ref.version)
     run = client.get_run(ref.run_id) if ref.run_id else None
     classes: list[str] = []
@@ -409,7 +416,7 @@ def pull(ref: str, fmt: str, dest: Path, quantize: str = "none") -> Path:
         CifarflowError: unknown version, or no export of that format for it.
     """
     version = resolve_version(ref)
-    client = _client()
+    client = mlflow_client()
     mv = client.get_model_version(version.name, version.version)
     dest.mkdir(parents=True, exist_ok=True)
     extra: dict[str, Any] = {}
