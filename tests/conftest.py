@@ -15,18 +15,23 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES3 = ("cat", "dog", "ship")
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """Every test gets its own cache, checkpoint folder, MLflow store and working directory."""
-    monkeypatch.setenv("CIFARFLOW_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CIFARFLOW_CHECKPOINTS", str(tmp_path / "checkpoints"))
+def isolate(monkeypatch, root: Path) -> None:
+    """Point caches, checkpoints, the MLflow store and the working directory into ``root``."""
+    monkeypatch.setenv("CIFARFLOW_CACHE", str(root / "cache"))
+    monkeypatch.setenv("CIFARFLOW_CHECKPOINTS", str(root / "checkpoints"))
     monkeypatch.setenv("CIFARFLOW_RECIPES", str(REPO / "experiments"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.setenv("KERAS_HOME", str(root / "keras_home"))
     monkeypatch.delenv("CIFARFLOW_DATA", raising=False)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)  # mlflow.set_experiment exports the id
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(root)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Every test gets its own cache, checkpoint folder, MLflow store and working directory."""
+    isolate(monkeypatch, tmp_path)
     yield
 
 
@@ -98,15 +103,7 @@ def trained_store(tmp_path_factory):
     data = root / "train_data"
     write_class_folders(data, per_class=(24, 6))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CIFARFLOW_CACHE", str(root / "cache"))
-        mp.setenv("CIFARFLOW_CHECKPOINTS", str(root / "checkpoints"))
-        mp.setenv("CIFARFLOW_RECIPES", str(REPO / "experiments"))
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("KERAS_HOME", str(root / "keras_home"))
-        mp.delenv("CIFARFLOW_DATA", raising=False)
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            mp.delenv(var, raising=False)
-        mp.chdir(root)
+        isolate(mp, root)
         from cifarflow import config
         from cifarflow.train import train
 
