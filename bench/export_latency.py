@@ -68,7 +68,7 @@ def main(model: str, export_dir: str | None, data: str | None, calls: int, warmu
     ds = datamod.load(data or run.data.params["data_source"])
     images = [ds.x_test[i:i + 1].astype(np.float32) for i in range(min(calls, len(ds.x_test)))]
 
-    keras_model = mlflow.keras.load_model(ref.uri)
+    keras_model = registry.load_keras(ref.uri)
     graph = tf.function(lambda x: keras_model(x, training=False), input_signature=[tf.TensorSpec((1, 32, 32, 3))])
     runtimes = {"keras": lambda x: keras_model(x, training=False).numpy(),
                 "keras_graph": lambda x: graph(x).numpy()}

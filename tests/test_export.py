@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def champion(trained):
 
 
 def keras_probs(model_uri: str, x: np.ndarray) -> np.ndarray:
-    return mlflow.keras.load_model(model_uri).predict(x.astype(np.float32), verbose=0)
+    return registry.load_keras(model_uri).predict(x.astype(np.float32), verbose=0)
 
 
 def test_export_onnx_and_every_tflite_mode_with_parity(champion):
@@ -71,6 +72,8 @@ def test_export_onnx_and_every_tflite_mode_with_parity(champion):
 
 
 def test_pull_by_alias_writes_the_model_and_its_card(champion, capsys):
+    source = Path(urllib.parse.urlparse(mlflow.get_logged_model(champion.model_uri.removeprefix("models:/")).artifact_location).path)
+    (source / "registered_model_meta").unlink(missing_ok=True)  # written there by `mlflow models serve`
     main(["export", "models:/cifarflow-cnn/1", "--format", "onnx"])
     assert "onnx" in capsys.readouterr().out
     main(["pull", f"{NAME}@champion", "--format", "onnx", "--dest", "deploy"])
@@ -89,6 +92,7 @@ def test_pull_by_alias_writes_the_model_and_its_card(champion, capsys):
 
     pulled = keras.saving.load_model("deploy_keras/model.keras")
     assert np.abs(pulled.predict(x.astype(np.float32), verbose=0) - ref).max() < 1e-6
+    assert not (source / "registered_model_meta").exists()  # the training run's artifacts stay as logged
     with pytest.raises(CifarflowError, match="has no tflite_int8 export"):
         registry.pull(f"{NAME}@champion", "tflite", Path("x"), quantize="int8")
 

@@ -284,7 +284,7 @@ def export(model_ref: str, formats: list[str], quantize: list[str] | None = None
     out_dir = Path(out_dir or Path("export") / name / (version or ""))
     run = client.get_run(run_id)
     ds = _test_data(run, data or None)
-    model = mlflow.keras.load_model(uri)
+    model = registry.load_keras(uri)
     x_test = ds.x_test.astype(np.float32)
     reference = model.predict(x_test, batch_size=256, verbose=0).astype(np.float64)
     keras_accuracy = float((reference.argmax(1) == ds.y_test).mean())

@@ -354,6 +354,22 @@ def _record(client, name, version, decision, metric, new, old, champion_version,
         client.set_model_version_tag(name, version, f"cifarflow.promotion.{k}", str(v))
 
 
+def load_keras(model_uri: str):
+    """Load a logged or registered Keras model (``models:/...``) from a private temporary copy.
+
+    MLflow loads a registered version straight from a local artifact store and
+    then writes a ``registered_model_meta`` file into the source model's
+    artifact folder (``ModelsArtifactRepository.download_artifacts``); copying
+    to a temporary folder first keeps the training run's artifacts untouched
+    (they may belong to someone else, or be read-only).
+
+    Returns:
+        The ``keras.Model`` (raw 0..255 pixels in, softmax out).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        return mlflow.keras.load_model(model_uri, dst_path=tmp)
+
+
 def download_run_artifact(run_id: str, path: str, dest: Path) -> Path:
     """Download one artifact file of a run into folder ``dest``; returns its local path.
 
@@ -421,7 +437,7 @@ def pull(ref: str, fmt: str, dest: Path, quantize: str = "none") -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     extra: dict[str, Any] = {}
     if fmt == "keras":
-        model = mlflow.keras.load_model(version.uri)
+        model = load_keras(version.uri)
         target = dest / "model.keras"
         model.save(target)
     else:
