@@ -178,7 +178,7 @@ def registered_name(run_params: dict[str, str], policy: Policy) -> str:
 def _description(run, source: Source) -> str:
     p, m, t = run.data.params, run.data.metrics, run.data.tags
     arch = ", ".join(f"{k}={p[k]}" for k in ("width", "depth", "blocks", "dense_units", "dropout") if k in p)
-    metrics = ", ".join(f"{k}={m[k]:.4f}" for k in CARD_METRICS if k in m)
+    metrics = ", ".join(f"{k}={m[k]:.4f}" for k in CARD_METRICS if k in m and k != "params")
     return (f"{t.get('cifarflow.recipe', '?')} ({p.get('model', '?')}: {arch}; {m.get('params', 0):.0f} params), "
             f"trained {p.get('epochs', '?')} epochs on {p.get('train_images', '?')} images of {p.get('data_source', '?')} "
             f"(dataset sha256 {t.get('cifarflow.dataset_sha256', '?')}). Test: {metrics}. "
