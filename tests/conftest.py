@@ -15,21 +15,26 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES3 = ("cat", "dog", "ship")
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """Every test gets its own cache, checkpoint folder, MLflow store and working directory."""
-    monkeypatch.setenv("CIFARFLOW_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CIFARFLOW_CHECKPOINTS", str(tmp_path / "checkpoints"))
+def isolate(monkeypatch, root: Path) -> None:
+    """Point caches, checkpoints, the MLflow store and the working directory into ``root``."""
+    monkeypatch.setenv("CIFARFLOW_CACHE", str(root / "cache"))
+    monkeypatch.setenv("CIFARFLOW_CHECKPOINTS", str(root / "checkpoints"))
     monkeypatch.setenv("CIFARFLOW_RECIPES", str(REPO / "experiments"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     import mlflow
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # the process-wide URI wins over the env
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setenv("KERAS_HOME", str(root / "keras_home"))
     monkeypatch.delenv("CIFARFLOW_DATA", raising=False)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)  # mlflow.set_experiment exports the id
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(root)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Every test gets its own cache, checkpoint folder, MLflow store and working directory."""
+    isolate(monkeypatch, tmp_path)
     yield
 
 
@@ -92,3 +97,30 @@ def train_data(tmp_path) -> Path:
     root = tmp_path / "train_data"
     write_class_folders(root, per_class=(24, 6))
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory):
+    """One tiny cnn trained once per session in its own folder (MLflow store, artifacts, data); returns (folder, TrainResult)."""
+    root = tmp_path_factory.mktemp("trained_store")
+    data = root / "train_data"
+    write_class_folders(data, per_class=(24, 6))
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(mp, root)
+        from cifarflow import config
+        from cifarflow.train import train
+
+        result = train(config.resolve("cnn_small", {
+            "width": 0.125, "dense_units": 16, "batch_size": 16, "val_fraction": 0.25, "warmup_epochs": 0,
+            "epochs": 1, "data": str(data)}), quiet=True)
+    return root, result
+
+
+@pytest.fixture
+def trained(trained_store, tmp_path):
+    """The session's tiny trained run, in this test's own MLflow store (a copy of the session's database)."""
+    import shutil
+
+    root, result = trained_store
+    shutil.copyfile(root / "mlflow.db", tmp_path / "mlflow.db")
+    return result

@@ -1,4 +1,4 @@
-"""Command line: `cifarflow train` and `cifarflow data info`, with one-line errors for fixable problems."""
+"""Command line: `cifarflow train`, `data info`, `register`, `promote`, `export`, `pull`, with one-line errors for fixable problems."""
 
 from __future__ import annotations
 
@@ -119,6 +119,84 @@ def data_info(source, out, skip_corrupt, resize) -> None:
     plots.samples_per_class(ds.x_train, ds.y_train, ds.class_names, Path(out))
     click.echo(f"samples:  {out}")
 
+
+
+@cli.command()
+@click.argument("source", required=False, default="")
+@click.option("--best-of", default="", metavar="EXPERIMENT", help="Register the best finished run of EXPERIMENT instead.")
+@click.option("--metric", default="test_accuracy", show_default=True, help="Final metric ranking --best-of runs.")
+@click.option("--name", default="", help="Registered model name (default: the policy's name for the architecture).")
+@click.option("--promote", "then_promote", is_flag=True, help="Then run `cifarflow promote` on the model.")
+def register(source, best_of, metric, name, then_promote) -> None:
+    """Register SOURCE (models:/<model_id> or a run id) as the new challenger version."""
+    _import_tensorflow_quietly()
+    from cifarflow import registry
+
+    src = registry.resolve_source(source or None, best_of=best_of or None, metric=metric)
+    ref = registry.register(src, name or None)
+    click.echo(f"registered {ref.name} version {ref.version} (alias {registry.CHALLENGER}) "
+               f"from run {src.run_id}, {src.model_uri}")
+    if then_promote:
+        _echo_decision(registry.promote(ref.name))
+
+
+def _echo_decision(d) -> None:
+    outcome = f"champion -> v{d.challenger}" if d.promoted else f"champion stays v{d.champion_before}"
+    click.echo(f"{d.name}: {outcome} ({d.reason})")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--force", is_flag=True, help="Move champion even if the policy says no (recorded as forced).")
+def promote(model, force) -> None:
+    """Move MODEL's champion alias to its challenger if it beats the champion by the policy's margin."""
+    _import_tensorflow_quietly()
+    from cifarflow import registry
+
+    _echo_decision(registry.promote(model, force=force))
+
+
+@cli.command("export")
+@click.argument("model_uri")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "all"]), default="all", show_default=True)
+@click.option("--quantize", multiple=True, default=("none",), show_default=True,
+              help="TFLite mode(s): none (float32), float16, dynamic, int8, all; repeatable or comma-separated.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder (default export/<model>/<version>/).")
+@click.option("--data", default=None, help="Test data (default: the training run's data source).")
+def export_command(model_uri, fmt, quantize, out, data) -> None:
+    """Export MODEL_URI (models:/NAME/VERSION, NAME@ALIAS) to ONNX/TFLite, verified against Keras."""
+    _import_tensorflow_quietly()
+    from pathlib import Path
+
+    from cifarflow import export as ex
+
+    modes = [m.strip() for q in quantize for m in q.split(",") if m.strip()]
+    modes = list(ex.QUANTIZE) if "all" in modes else modes
+    formats = list(ex.FORMATS) if fmt == "all" else [fmt]
+    results, run_id = ex.export(model_uri, formats, modes, out_dir=Path(out) if out else None, data=data)
+    for r in results:
+        click.echo(f"{r.kind:<15} {r.size_bytes / 1024:8.1f} KiB  max_abs_diff={r.max_abs_diff:.2e}  "
+                   f"top1_agreement={r.top1_agreement:.4f}  test_accuracy={r.test_accuracy:.4f} "
+                   f"(keras {r.keras_test_accuracy:.4f})  {r.path}")
+    click.echo(f"logged to run {run_id}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--format", "fmt", type=click.Choice(["keras", "onnx", "tflite"]), default="keras", show_default=True)
+@click.option("--quantize", type=click.Choice(["none", "float16", "dynamic", "int8"]), default="none",
+              show_default=True, help="Which TFLite file.")
+@click.option("--dest", type=click.Path(file_okay=False), required=True, help="Output folder.")
+def pull(model, fmt, quantize, dest) -> None:
+    """Download MODEL (NAME@ALIAS, NAME/VERSION) for deployment, with a model_card.json."""
+    _import_tensorflow_quietly()
+    from pathlib import Path
+
+    from cifarflow import registry
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    path = registry.pull(model, fmt, Path(dest), quantize=quantize)
+    click.echo(f"{path} and {Path(dest) / 'model_card.json'}")
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the click group; fixable errors exit 2 with one line on stderr."""
