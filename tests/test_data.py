@@ -26,8 +26,10 @@ def test_pickle_layout_is_read_as_nhwc(tmp_path):
     assert ds.class_names == data.CIFAR10_CLASSES
 
 
-def test_class_folders_are_read_with_sorted_classes(folder_data):
-    ds = data.load(folder_data)
+def test_class_folders_are_read_with_sorted_classes(folder_data, monkeypatch):
+    monkeypatch.chdir(folder_data.parent)
+    ds = data.load(folder_data.name)
+    assert ds.source == str(folder_data)  # absolute, whatever was typed
     assert ds.class_names == CLASSES3
     assert ds.x_train.shape == (36, 32, 32, 3) and ds.x_test.shape == (12, 32, 32, 3)
     assert data.class_counts(ds.y_train, ds.class_names) == {"cat": 12, "dog": 12, "ship": 12}

@@ -139,7 +139,7 @@ def load(
     resolved = resolve_source(source)
     if resolved == "download":
         return _load_keras_download()
-    path = Path(resolved).expanduser()
+    path = Path(resolved).expanduser().absolute()  # logged as data_source: valid from any directory
     if not path.exists():
         raise CifarflowError(
             f"data source not found: {path}",
