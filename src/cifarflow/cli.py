@@ -85,6 +85,44 @@ def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, resume,
                f"train_seconds={m['train_seconds']:.0f} model={result.model_uri}")
 
 
+@cli.command()
+@click.argument("recipe")
+@click.option("--study", "study_name", required=True, help="Study name; the same name resumes or joins it.")
+@click.option("--trials", type=click.IntRange(min=1), required=True, help="Complete + pruned trials the study should hold.")
+@click.option("--storage", default="sqlite:///optuna.db", show_default=True, help="Optuna storage (SQLAlchemy URL).")
+@click.option("--space", "space_path", default=None, help="Search file (default: the one in experiments/search/ listing RECIPE).")
+@click.option("--timeout", type=float, default=None, help="Stop starting trials after S seconds.")
+@click.option("--n-jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Parallel trials (threads).")
+@click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
+              help="Seconds between trial heartbeats; a trial silent for twice that is marked FAIL.")
+@click.option("--metric", type=click.Choice(["val_accuracy", "val_loss"]), default=None,
+              help="Objective (default: the search file's); maximized for accuracy, minimized for loss.")
+@click.option("--retrain-best", is_flag=True, help="Then train the best params on train+val with the full epochs.")
+@click.option("--data", default=None, help="Data source, as for train.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs per trial.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Training images per trial.")
+@click.option("--seed", type=int, default=None)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Fixed overrides for every trial.")
+@click.option("--quiet/--progress", default=True, show_default=True, help="Progress bars of each trial.")
+def tune(recipe, study_name, trials, storage, space_path, timeout, n_jobs, heartbeat, metric, retrain_best,
+         data, epochs, limit, seed, sets, quiet) -> None:
+    """Search RECIPE's settings with Optuna; every trial is a nested MLflow run."""
+    _import_tensorflow_quietly()
+    from cifarflow import config as cfg
+    from cifarflow import tuning
+
+    overrides = cfg.parse_overrides(sets)
+    overrides.update({k: v for k, v in dict(data=data, epochs=epochs, limit=limit, seed=seed).items() if v is not None})
+    study = tuning.tune(recipe, study_name, trials, overrides=overrides, storage=storage, space_path=space_path,
+                        timeout=timeout, n_jobs=n_jobs, quiet=quiet, heartbeat=heartbeat, metric=metric,
+                        retrain_best=retrain_best)
+    states = [t.state.name for t in study.trials]
+    click.echo(f"study {study_name}: {states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned, "
+               f"{states.count('FAIL')} failed")
+    if states.count("COMPLETE"):
+        click.echo(f"best {study.best_value:.4f} (trial {study.best_trial.number}): {study.best_params}")
+
+
 @cli.group()
 def data() -> None:
     """Inspect data sources."""

@@ -165,8 +165,8 @@ def resolve(recipe: str, overrides: dict[str, Any] | None = None) -> TrainConfig
     """Resolve a recipe and overrides into a validated :class:`TrainConfig`.
 
     An override key is a training setting (``epochs``, ``learning_rate``...),
-    a model parameter (``width``, ``dropout``...; also ``model.width``), and
-    ``None`` values from the CLI are ignored.
+    a model parameter (``width``, ``dropout``...; also ``model.width``); ``None``
+    (``null``) sets a setting to None, e.g. ``limit=null`` for all images.
 
     Raises:
         CifarflowError: unknown recipe, unknown key, or a bad value.
@@ -177,8 +177,6 @@ def resolve(recipe: str, overrides: dict[str, Any] | None = None) -> TrainConfig
     model_params = dict(model_section)
     settable = models.parameters(model_name)
     for key, value in (overrides or {}).items():
-        if value is None:
-            continue
         bare = key.removeprefix("model.")
         if key.startswith("model.") or (bare in settable and bare not in TrainConfig.model_fields):
             model_params[bare] = value

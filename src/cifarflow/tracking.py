@@ -26,7 +26,28 @@ def configure() -> str:
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        _create_sqlite_store_once(uri)
     return uri
+
+
+def _create_sqlite_store_once(uri: str) -> None:
+    """Create or migrate a SQLite store under a file lock.
+
+    Two processes opening a new ``mlflow.db`` at once (two tuning workers)
+    otherwise race in MLflow's schema migration (``table _alembic_tmp_runs
+    already exists``).
+    """
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            mlflow.tracking.MlflowClient(uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def experiment_name(recipe: str) -> str:

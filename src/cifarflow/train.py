@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -148,7 +149,9 @@ def _start_run(config: TrainConfig, run_name: str | None, resume: str | None):
 
 
 def train(config: TrainConfig, *, quiet: bool = False, run_name: str | None = None,
-          resume: str | None = None) -> TrainResult:
+          resume: str | None = None, in_active_run: bool = False,
+          extra_callbacks: list[keras.callbacks.Callback] | None = None, log_model: bool = True,
+          tags: dict[str, str] | None = None) -> TrainResult:
     """Train ``config`` end to end under its dtype ``precision``; see :func:`_train`.
 
     The Keras global dtype policy is set to ``config.precision`` (float32,
@@ -158,12 +161,14 @@ def train(config: TrainConfig, *, quiet: bool = False, run_name: str | None = No
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(config.precision)
     try:
-        return _train(config, quiet=quiet, run_name=run_name, resume=resume)
+        return _train(config, quiet=quiet, run_name=run_name, resume=resume, in_active_run=in_active_run,
+                      extra_callbacks=extra_callbacks or [], log_model=log_model, tags=tags or {})
     finally:
         keras.config.set_dtype_policy(previous)
 
 
-def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: str | None) -> TrainResult:
+def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: str | None, in_active_run: bool,
+           extra_callbacks: list, log_model: bool, tags: dict[str, str]) -> TrainResult:
     """Train ``config`` end to end and record everything in one MLflow run.
 
     Loads and splits the data (seeded, stratified validation split; the test
@@ -181,6 +186,12 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
         quiet: no progress bar.
         run_name: MLflow run name; ``<recipe>-e<epochs>`` when None.
         resume: id of an interrupted run to continue.
+        in_active_run: log into the active MLflow run (e.g. a tuning trial's
+            nested run) and leave it open, instead of starting a run.
+        extra_callbacks: more Keras callbacks (e.g. a pruning callback);
+            exceptions they raise propagate after the run is marked.
+        log_model: log the trained model (tuning trials skip it).
+        tags: more tags for the run.
 
     Returns:
         :class:`TrainResult` with the run id, the ``models:/<model_id>`` URI
@@ -204,12 +215,13 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
               if len(y_val) else None)
     test_ds = pipeline.make_dataset(ds.x_test, ds.y_test, ds.num_classes, config.batch_size, training=False)
 
-    with _start_run(config, run_name, resume) as run:
+    runs = contextlib.nullcontext(mlflow.active_run()) if in_active_run else _start_run(config, run_name, resume)
+    with runs as run:
         run_id = run.info.run_id
         ckpt_dir = checkpoint_root() / run_id
         best_file = ckpt_dir / "best.weights.h5"
         history = _metric_history(run_id, ["val_accuracy"]) if resume else {"val_accuracy": []}
-        mlflow.set_tags(tracking.run_tags(config.recipe, ds.checksum))
+        mlflow.set_tags({**tracking.run_tags(config.recipe, ds.checksum), **tags})
         tracking.log_params_once(run_id, {
             **config.params(),
             "data_source": ds.source,
@@ -225,7 +237,7 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
         callbacks = make_callbacks(
             config, train_images=len(y_tr), checkpoint_dir=ckpt_dir, has_validation=val_ds is not None,
             best_so_far=max(history["val_accuracy"], default=None),
-        )
+        ) + list(extra_callbacks)
 
         started = time.perf_counter()
         try:
@@ -248,6 +260,9 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
             "test_accuracy": scores["accuracy"], "test_loss": float(test_loss), "nll": scores["nll"],
             "macro_f1": scores["macro_f1"], "train_seconds": train_seconds,
         }
+        best_val = _metric_history(run_id, ["val_accuracy"])["val_accuracy"]
+        if best_val:
+            metrics["best_val_accuracy"] = max(best_val)
         if config.tta != "none":
             tta_probs = evaluation.predict(model, ds.x_test, tta=config.tta, batch_size=config.batch_size)
             metrics["test_accuracy_tta"] = float((tta_probs.argmax(1) == ds.y_test).mean())
@@ -263,7 +278,9 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
             (out / "classification_report.csv").write_text(evaluation.report_csv(scores["report"]))
             (out / "classes.json").write_text(json.dumps(list(ds.class_names)))
             mlflow.log_artifacts(tmp)
-        info = tracking.log_keras_model(model, ds.x_test[:8])
-        mlflow.set_tag("cifarflow.model_uri", info.model_uri)
+        model_uri = ""
+        if log_model:
+            model_uri = tracking.log_keras_model(model, ds.x_test[:8]).model_uri
+            mlflow.set_tag("cifarflow.model_uri", model_uri)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return TrainResult(run_id=run_id, model_uri=info.model_uri, metrics=metrics)
+    return TrainResult(run_id=run_id, model_uri=model_uri, metrics=metrics)

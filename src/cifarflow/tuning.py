@@ -1,0 +1,334 @@
+"""Hyperparameter search: Optuna studies over recipe settings, each trial a nested MLflow run."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+import optuna
+import pydantic
+import yaml
+
+from cifarflow import config as cfg
+from cifarflow import tracking
+from cifarflow.errors import CifarflowError
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+RUN_ID_ATTR = "mlflow_run_id"  # where optuna_integration's MLflowCallback keeps a trial's run id
+
+
+class Param(pydantic.BaseModel):
+    """One searched setting: ``float``/``int`` in [low, high] (``log`` for log-uniform) or ``categorical``."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> "Param":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty 'choices' list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs 'low' and 'high'")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0 (got {self.low})")
+        if self.log and self.step:
+            raise ValueError("use either log or step, not both")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        """Values that must all be valid recipe settings: the ends, or every choice."""
+        if self.type == "categorical":
+            return list(self.choices)
+        cast = int if self.type == "int" else float
+        return [cast(self.low), cast(self.high)]
+
+
+class Pruner(pydantic.BaseModel):
+    """Pruner of the study: ``median`` (default: 2 startup trials, 1 warm-up epoch), ``hyperband`` or ``none``."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    type: Literal["median", "hyperband", "none"] = "median"
+    n_startup_trials: int = pydantic.Field(2, ge=0)
+    n_warmup_steps: int = pydantic.Field(1, ge=0)
+    min_resource: int = pydantic.Field(1, ge=1)
+    reduction_factor: int = pydantic.Field(3, ge=2)
+
+    def build(self) -> optuna.pruners.BasePruner:
+        if self.type == "median":
+            return optuna.pruners.MedianPruner(n_startup_trials=self.n_startup_trials,
+                                               n_warmup_steps=self.n_warmup_steps)
+        if self.type == "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=self.min_resource,
+                                                  reduction_factor=self.reduction_factor)
+        return optuna.pruners.NopPruner()
+
+
+class SearchSpace(pydantic.BaseModel):
+    """A search file ``experiments/search/<family>.yaml``.
+
+    ``recipes`` lists the recipes it applies to; ``params`` maps recipe or
+    model settings to their ranges; ``enqueue`` lists known settings tried
+    first (``study.enqueue_trial``); ``seed`` seeds the TPE sampler.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    recipes: list[str] = []
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    pruner: Pruner = Pruner()
+    params: dict[str, Param]
+    enqueue: list[dict[str, Any]] = []
+    seed: int | None = None
+
+    @property
+    def direction(self) -> str:
+        return "maximize" if self.metric == "val_accuracy" else "minimize"
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """The trial's values for every searched setting."""
+        out = {}
+        for name, p in self.params.items():
+            if p.type == "categorical":
+                out[name] = trial.suggest_categorical(name, p.choices)
+            elif p.type == "int":
+                out[name] = trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+            else:
+                out[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+        return out
+
+
+def search_dir() -> Path:
+    """The folder of search files: ``search/`` inside :func:`cifarflow.config.recipes_dir`."""
+    return cfg.recipes_dir() / "search"
+
+
+def find_space(recipe: str) -> Path:
+    """The search file that lists ``recipe`` (or is named after it).
+
+    Raises:
+        CifarflowError: no search file covers the recipe.
+    """
+    named = search_dir() / f"{recipe}.yaml"
+    if named.is_file():
+        return named
+    for path in sorted(search_dir().glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        if recipe in (raw.get("recipes") or []):
+            return path
+    raise CifarflowError(f"no search space lists recipe '{recipe}' in {search_dir()}",
+                         "add it to a search file's 'recipes:' or pass --space PATH")
+
+
+def load_space(path: str | os.PathLike, recipe: str) -> SearchSpace:
+    """Read and validate a search file against ``recipe``.
+
+    Every searched name must be a setting of the recipe (training setting or
+    model parameter) and every range end / choice a valid value for it.
+
+    Raises:
+        CifarflowError: missing file, invalid YAML, bad ranges, unknown params
+            or values the recipe refuses.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CifarflowError(f"search space {path} not found", "pass --space with an existing .yaml file")
+    try:
+        space = SearchSpace(**(yaml.safe_load(path.read_text()) or {}))
+    except yaml.YAMLError as exc:
+        raise CifarflowError(f"invalid YAML in {path}: {exc}", "fix the search file") from None
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise CifarflowError(f"bad search space {path}: {where}: {err['msg']}", "fix the search file") from None
+    for name, p in space.params.items():
+        for value in p.values_to_check():
+            try:
+                cfg.resolve(recipe, {name: value})
+            except CifarflowError as exc:
+                raise CifarflowError(f"search space {path.name}, param '{name}' = {value!r}: {exc.problem}",
+                                     exc.fix) from None
+    for i, fixed in enumerate(space.enqueue):
+        unknown = sorted(set(fixed) - set(space.params))
+        if unknown:
+            raise CifarflowError(f"search space {path.name}: enqueue[{i}] sets {unknown}, which are not searched",
+                                 f"use only: {', '.join(space.params)}")
+    return space
+
+
+def open_storage(url: str, heartbeat: int = 60) -> optuna.storages.RDBStorage:
+    """Optuna RDB storage at ``url`` (any SQLAlchemy URL) with trial heartbeats.
+
+    A trial whose process died stops beating; after ``2 * heartbeat`` seconds
+    the next worker marks it FAIL and :func:`_end_stale_run` ends its MLflow run
+    as FAILED.
+    """
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
+                                          grace_period=2 * heartbeat, failed_trial_callback=_end_stale_run)
+    except Exception as exc:
+        raise CifarflowError(f"cannot open Optuna storage {url}: {type(exc).__name__}: {exc}",
+                             "pass --storage with a reachable SQLAlchemy URL, e.g. sqlite:///optuna.db") from None
+
+
+def _end_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    run_id = trial.system_attrs.get(RUN_ID_ATTR)
+    if run_id:
+        client = mlflow.tracking.MlflowClient()
+        client.set_tag(run_id, "state", "FAIL")
+        client.set_terminated(run_id, "FAILED")
+
+
+_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def _finish_trial_run(recipe: str):
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """After MLflowCallback logged value, params and state: readable name and a terminal status."""
+        run_id = trial.system_attrs.get(RUN_ID_ATTR)
+        if run_id:
+            client = mlflow.tracking.MlflowClient()
+            client.update_run(run_id, name=f"{recipe}-{study.study_name}-trial{trial.number}")
+            client.set_terminated(run_id, _STATUS.get(trial.state.name, "FAILED"))
+    return callback
+
+
+def _parent_run(experiment_id: str, study_name: str) -> str | None:
+    runs = mlflow.search_runs(
+        [experiment_id], filter_string=f"tags.`cifarflow.study` = '{study_name}' and tags.`cifarflow.role` = 'study'",
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _log_plots(study: optuna.Study) -> None:
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as vis
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, plot in (("optimization_history", vis.plot_optimization_history),
+                           ("param_importances", vis.plot_param_importances),
+                           ("parallel_coordinate", vis.plot_parallel_coordinate)):
+            try:
+                ax = plot(study)
+                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                fig.set_size_inches(9, 5)
+                fig.tight_layout()
+                fig.savefig(Path(tmp) / f"{name}.png", dpi=100)
+                plt.close(fig)
+            except Exception as exc:  # e.g. importances need two finished trials
+                mlflow.set_tag(f"cifarflow.plot_skipped.{name}", str(exc)[:200])
+        mlflow.log_artifacts(tmp, "optuna")
+
+
+def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = None,
+         storage: str = DEFAULT_STORAGE, space_path: str | None = None, timeout: float | None = None,
+         n_jobs: int = 1, quiet: bool = True, heartbeat: int = 60, metric: str | None = None,
+         retrain_best: bool = False) -> optuna.Study:
+    """Run (or continue) an Optuna study over ``recipe``.
+
+    The study lives in ``storage`` under ``study_name`` (``load_if_exists``), so
+    workers on several machines sharing one database join the same study and a
+    killed process resumes by running the same command. A worker stops when the
+    study holds ``trials`` complete or pruned trials (``MaxTrialsCallback``).
+
+    Each trial trains the recipe with its params (plus ``overrides``) in a
+    nested MLflow run under the study's parent run, reports the search file's
+    metric every epoch to the pruner (``KerasPruningCallback``) and returns the
+    best value of it over the epochs: never the test accuracy. The parent run
+    gets the best params and value, the storage URL and the Optuna plots.
+
+    Args:
+        recipe: recipe name.
+        study_name: the Optuna study (and MLflow parent run) name.
+        trials: complete + pruned trials the study should hold.
+        overrides: fixed settings for every trial (``--epochs``, ``--limit``, ``--set``...).
+        storage: SQLAlchemy URL of the Optuna storage.
+        space_path: search file; found by recipe in ``experiments/search/`` when None.
+        timeout: stop starting trials after this many seconds.
+        n_jobs: trials in parallel threads of this process.
+        quiet: no progress bars.
+        heartbeat: seconds between trial heartbeats (stale after twice that).
+        metric: ``val_accuracy`` or ``val_loss``, overriding the search file's.
+        retrain_best: afterwards train the best params on train+val with the
+            recipe's full epochs and evaluate on test (a normal run tagged
+            ``cifarflow.study``).
+
+    Returns:
+        The ``optuna.Study``.
+
+    Raises:
+        CifarflowError: bad recipe, search file, overrides or storage.
+    """
+    from optuna_integration import KerasPruningCallback, MLflowCallback
+
+    from cifarflow.train import train
+
+    overrides = dict(overrides or {})
+    cfg.resolve(recipe, overrides)  # fail fast on bad fixed settings
+    space_path = Path(space_path or find_space(recipe))
+    space = load_space(space_path, recipe)
+    if metric:
+        space = space.model_copy(update={"metric": metric})
+    tracking.configure()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=study_name, storage=open_storage(storage, heartbeat), load_if_exists=True,
+        direction=space.direction, pruner=space.pruner.build(), sampler=optuna.samplers.TPESampler(seed=space.seed),
+    )
+    if not study.trials:
+        for fixed in space.enqueue:
+            study.enqueue_trial(fixed)
+
+    experiment = mlflow.set_experiment(tracking.experiment_name(recipe))
+    parent_id = _parent_run(experiment.experiment_id, study_name)
+    with mlflow.start_run(run_id=parent_id) if parent_id else mlflow.start_run(run_name=f"{recipe}-study-{study_name}") as parent:
+        mlflow.set_tags({"cifarflow.study": study_name, "cifarflow.role": "study", "cifarflow.recipe": recipe,
+                         "cifarflow.optuna_storage": storage, "cifarflow.search_space": space_path.name})
+        mlflow.log_text(space_path.read_text(), "search_space.yaml")
+        mlflow_cb = MLflowCallback(metric_name=f"best_{space.metric}", create_experiment=False,
+                                   mlflow_kwargs={"nested": True})
+
+        @mlflow_cb.track_in_mlflow()
+        def objective(trial: optuna.Trial) -> float:
+            mlflow.set_tags({"mlflow.parentRunId": parent.info.run_id, "cifarflow.study": study_name,
+                             "cifarflow.trial": str(trial.number)})
+            config = cfg.resolve(recipe, {**overrides, **space.suggest(trial)})
+            train(config, quiet=quiet, in_active_run=True, log_model=False,
+                  extra_callbacks=[KerasPruningCallback(trial, space.metric)])
+            values = mlflow.tracking.MlflowClient().get_metric_history(mlflow.active_run().info.run_id, space.metric)
+            best = (max if space.direction == "maximize" else min)(m.value for m in values)
+            return float(best)
+
+        study.optimize(
+            objective, n_trials=trials, timeout=timeout, n_jobs=n_jobs, catch=(Exception,),
+            callbacks=[optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                                      optuna.trial.TrialState.PRUNED)),
+                       mlflow_cb, _finish_trial_run(recipe)],
+        )
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        states = [t.state.name for t in study.trials]
+        mlflow.log_metrics({"trials_complete": states.count("COMPLETE"), "trials_pruned": states.count("PRUNED"),
+                            "trials_failed": states.count("FAIL")})
+        if done:
+            mlflow.log_metric(f"best_{space.metric}", study.best_value)
+            mlflow.set_tags({f"best.{k}": str(v) for k, v in study.best_params.items()})
+            mlflow.set_tag("cifarflow.best_trial", str(study.best_trial.number))
+            _log_plots(study)
+    if retrain_best and done:
+        full = {**overrides, **study.best_params, "val_fraction": 0.0, "early_stopping_patience": None}
+        full.pop("epochs", None)
+        train(cfg.resolve(recipe, full), quiet=quiet, run_name=f"{recipe}-best-of-{study_name}",
+              tags={"cifarflow.study": study_name, "cifarflow.role": "retrain-best"})
+    return study
