@@ -12,7 +12,8 @@ from cifarflow.train import train
 
 TINY = {"width": 0.125, "dense_units": 16, "batch_size": 16, "val_fraction": 0.25, "warmup_epochs": 0}
 EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second"}
-FINAL_METRICS = {"test_accuracy", "test_loss", "nll", "macro_f1", "train_seconds", "params", "trainable_params"}
+FINAL_METRICS = {"test_accuracy", "test_loss", "nll", "macro_f1", "train_seconds", "params", "trainable_params",
+                 "best_val_accuracy"}
 ARTIFACTS = {"recipe.yaml", "training_curves.png", "confusion_matrix.png", "classification_report.json",
              "classification_report.csv", "misclassified.png", "classes.json"}
 TAGS = {"cifarflow.recipe", "cifarflow.dataset_sha256", "cifarflow.git_commit", "cifarflow.keras_backend",
@@ -53,6 +54,8 @@ def test_one_epoch_run_logs_everything_and_the_model_reloads(train_data):
     assert probs.shape == (18, 3)
     assert (probs.argmax(1) == ds.y_test).mean() == pytest.approx(result.metrics["test_accuracy"])
     assert run.data.metrics["test_accuracy"] == pytest.approx(result.metrics["test_accuracy"])
+    best_val = max(v for _, v in history(client, result.run_id, "val_accuracy"))
+    assert run.data.metrics["best_val_accuracy"] == pytest.approx(best_val)
 
 
 def test_same_seed_gives_the_same_metrics(train_data):
