@@ -12,6 +12,8 @@ from cifarflow.errors import CifarflowError
 from cifarflow.models.cnn import build_cnn
 from cifarflow.models.plain import build_simple5, build_vgg10
 from cifarflow.models.resnet import build_resnet, build_wrn
+from cifarflow.models.transfer import (build_efficientnetb0, build_efficientnetv2b0, build_mobilenetv2,
+                                       build_resnet50v2)
 from cifarflow.models.vit import build_vit
 
 BUILDERS: dict[str, Callable[..., keras.Model]] = {
@@ -21,6 +23,10 @@ BUILDERS: dict[str, Callable[..., keras.Model]] = {
     "resnet20": build_resnet,
     "wrn": build_wrn,
     "vit": build_vit,
+    "mobilenetv2": build_mobilenetv2,
+    "efficientnetv2b0": build_efficientnetv2b0,
+    "efficientnetb0": build_efficientnetb0,
+    "resnet50v2": build_resnet50v2,
 }
 # Arguments the trainer supplies from the data, never from a recipe.
 DATA_ARGUMENTS = ("num_classes", "mean", "std")
