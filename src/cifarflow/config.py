@@ -84,6 +84,9 @@ class TrainConfig(pydantic.BaseModel):
     # pretrain the whole network (one phase of `epochs`, BatchNorm training) and log the
     # backbone's weights as the artifact backbone.weights.h5, for weights=PATH elsewhere
     source_task: bool = False
+    # before phase 1, re-estimate the backbone's BatchNorm statistics on this many training
+    # batches (useful with weights=none: BatchNorm then runs in inference mode); 0: off
+    calibrate_batchnorm: int = pydantic.Field(0, ge=0)
 
     # callbacks
     early_stopping_patience: int | None = pydantic.Field(None, ge=1)

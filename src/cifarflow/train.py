@@ -182,6 +182,9 @@ def _fit_phases(model: keras.Model, plan: list[phases.Phase], config: TrainConfi
     """
     epoch, spans = 0, []
     named = len(plan) > 1 or plan[0].name != "train"
+    if config.calibrate_batchnorm and transfer.backbone_of(model):
+        used = transfer.calibrate_batchnorm(model, train_ds.take(config.calibrate_batchnorm))
+        mlflow.log_metric("calibration_batches", used)
     for index, phase in enumerate(plan, start=1):
         counts = phases.prepare(model, phase)
         compile_model(model, phase.config, steps_per_epoch)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -131,7 +132,12 @@ def make_backbone(backbone: str, resolution: int, weights: str | None, alpha: fl
     if kind == "path":
         path = weights_file(str(weights))
         try:
-            model.load_weights(str(path))
+            with warnings.catch_warnings(record=True) as caught:  # Keras skips what does not fit, with a warning
+                warnings.simplefilter("always")
+                model.load_weights(str(path))
+            skipped = [str(w.message) for w in caught if "skipping" in str(w.message).lower()]
+            if skipped:
+                raise ValueError(f"{len(skipped)} parts would keep random weights: {skipped[0]}")
         except Exception as exc:
             raise CifarflowError(
                 f"weights file {path} does not fit {backbone} (alpha={alpha}): {str(exc).splitlines()[0][:200]}",
@@ -272,9 +278,46 @@ def unfreeze_top(model: keras.Model, fraction: float, count: int | None = None) 
     return len(body) - unfrozen, unfrozen
 
 
-def unfreeze_all(model: keras.Model) -> None:
-    """Source-task pretraining: every layer trainable, BatchNormalization in training mode."""
+def unfreeze_all(model: keras.Model, bn_momentum: float = 0.9) -> None:
+    """Source-task pretraining: every layer trainable, BatchNormalization in training mode.
+
+    The backbone's BatchNormalization momentum is set to ``bn_momentum``: the
+    applications' 0.999 (MobileNetV2, EfficientNet) suits long ImageNet
+    schedules; over a few hundred steps the moving statistics would stay near
+    their initial values and validation would read chance.
+    """
     model.trainable = True
+    for layer in backbone_of(model).layers:
+        if _is_bn(layer):
+            layer.momentum = bn_momentum
+
+
+def calibrate_batchnorm(model: keras.Model, batches) -> int:
+    """Re-estimate the backbone's BatchNormalization moving statistics on ``batches`` of raw pixels.
+
+    The moving mean and variance become the running average over the batches
+    (weights untouched), so that a randomly initialised backbone (``weights=none``,
+    statistics 0 and 1 describe no data) gives normalized features when its
+    BatchNormalization then runs in inference mode. Returns the batches used.
+    """
+    base = backbone_of(model)
+    feeder = model.layers[model.layers.index(base) - 1]
+    to_backbone = keras.Model(model.inputs, feeder.output) if feeder is not model.layers[0] else None
+    bns = [l for l in base.layers if _is_bn(l)]
+    saved = [(l.trainable, l.momentum) for l in bns]
+    n = 0
+    try:
+        for l in bns:
+            l.trainable = True
+        for n, (images, *_) in enumerate(batches, start=1):
+            for l in bns:
+                l.momentum = (n - 1) / n  # cumulative average over the batches seen
+            x = to_backbone(images, training=False) if to_backbone is not None else images
+            base(x, training=True)
+    finally:
+        for l, (trainable, momentum) in zip(bns, saved):
+            l.trainable, l.momentum = trainable, momentum
+    return n
 
 
 def weights_tags(weights: str | None, model: keras.Model) -> dict[str, str]:
