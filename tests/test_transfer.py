@@ -233,6 +233,8 @@ def test_class_subsets_are_relabelled_in_dataset_order(folder_data):
     ({"fine_tune_fraction": 0}, r"bad value for 'fine_tune_fraction'"),
     ({"classes": "plants"}, r"bad value for 'classes"),
     ({"alpha": "wide"}, r"bad value for model parameter 'alpha'"),
+    ({"resolution": 16}, r"bad value for model parameter 'resolution'.*greater than or equal to 32"),
+    ({"dropout": 1.0}, r"bad value for model parameter 'dropout'"),
 ])
 def test_bad_transfer_settings(overrides, message):
     with pytest.raises(CifarflowError, match=message):

@@ -11,16 +11,16 @@ Freezing for the two training phases (:func:`freeze_backbone`,
 frozen, and a frozen BatchNormalization runs in inference mode in Keras 3.
 """
 
-from __future__ import annotations
 
 import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import keras
 import numpy as np
+import pydantic
 from keras import layers
 
 from cifarflow.errors import CifarflowError
@@ -37,6 +37,10 @@ _APPS = {
     "efficientnetv2b0": ("EfficientNetV2B0", None),
 }
 BACKBONES = tuple(_APPS)
+# recipe-settable parameter types: resolve_params turns a bad value into a one-line error
+Resolution = Annotated[int, pydantic.Field(ge=32)]
+Rate = Annotated[float, pydantic.Field(ge=0, lt=1)]
+Width = Annotated[float, pydantic.Field(gt=0)]
 # Keras' EfficientNet (B0-B7) adds Rescaling(1 / sqrt(std)) after its Normalization only when
 # weights == "imagenet"; a Keras ImageNet .h5 file given as a path gets it folded into the variance.
 _IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
@@ -216,8 +220,8 @@ def build_transfer(
     return keras.Model(inputs, outputs, name=backbone)
 
 
-def build_mobilenetv2(num_classes: int = 10, resolution: int = 224, weights: str | None = "imagenet",
-                      alpha: float = 1.0, batch_norm: bool = True, dropout: float = 0.2, dense_units: int = 0,
+def build_mobilenetv2(num_classes: int = 10, resolution: Resolution = 224, weights: str | None = "imagenet",
+                      alpha: Width = 1.0, batch_norm: bool = True, dropout: Rate = 0.2, dense_units: int = 0,
                       l2: float = 1e-4, mean: Sequence[float] | None = None,
                       std: Sequence[float] | None = None) -> keras.Model:
     """MobileNetV2 (Sandler et al. 2018) transfer model; see :func:`build_transfer`.
@@ -227,8 +231,8 @@ def build_mobilenetv2(num_classes: int = 10, resolution: int = 224, weights: str
 
 
 def _fixed_width(backbone: str):
-    def build(num_classes: int = 10, resolution: int = 224, weights: str | None = "imagenet",
-              batch_norm: bool = True, dropout: float = 0.2, dense_units: int = 0, l2: float = 1e-4,
+    def build(num_classes: int = 10, resolution: Resolution = 224, weights: str | None = "imagenet",
+              batch_norm: bool = True, dropout: Rate = 0.2, dense_units: int = 0, l2: float = 1e-4,
               mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> keras.Model:
         return build_transfer(backbone, num_classes, resolution, weights, 1.0, batch_norm, dropout, dense_units, l2)
 
