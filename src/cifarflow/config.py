@@ -80,7 +80,7 @@ class TrainConfig(pydantic.BaseModel):
     fine_tune_epochs: int | None = pydantic.Field(None, ge=0)
     fine_tune_fraction: float = pydantic.Field(0.3, gt=0, le=1)
     fine_tune_layers: int | None = pydantic.Field(None, ge=0)
-    fine_tune_learning_rate: float = pydantic.Field(0.01, gt=0)
+    fine_tune_learning_rate: float = pydantic.Field(0.001, gt=0)
     # pretrain the whole network (one phase of `epochs`, BatchNorm training) and log the
     # backbone's weights as the artifact backbone.weights.h5, for weights=PATH elsewhere
     source_task: bool = False
