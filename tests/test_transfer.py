@@ -43,7 +43,7 @@ def backbone_input(model, x):
     """What the nested backbone receives for raw pixels ``x``."""
     base = transfer.backbone_of(model)
     feeder = model.layers[model.layers.index(base) - 1]
-    return np.asarray(keras.Model(model.inputs, feeder.output)(x))
+    return np.asarray(keras.Model(model.input, feeder.output)(x))
 
 
 @pytest.mark.parametrize("name", BACKBONES)

@@ -306,7 +306,7 @@ def calibrate_batchnorm(model: keras.Model, batches) -> int:
     """
     base = backbone_of(model)
     feeder = model.layers[model.layers.index(base) - 1]
-    to_backbone = keras.Model(model.inputs, feeder.output) if feeder is not model.layers[0] else None
+    to_backbone = keras.Model(model.input, feeder.output) if feeder is not model.layers[0] else None
     bns = [l for l in base.layers if _is_bn(l)]
     saved = [(l.trainable, l.momentum) for l in bns]
     n = 0
