@@ -79,5 +79,8 @@ def test_vit_reloads_from_a_saved_file(tmp_path):
     ("vit", {"patch_size": 5}, "patch_size must divide 32"),
 ])
 def test_bad_shapes_are_refused(name, params, message):
-    with pytest.raises(ValueError, match=message):
+    from cifarflow.errors import CifarflowError
+
+    with pytest.raises(CifarflowError, match=f"cannot build '{name}': .*{message}") as e:
         models.build(name, num_classes=10, **params)
+    assert "\n" not in str(e.value)

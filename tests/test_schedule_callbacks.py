@@ -59,3 +59,15 @@ def test_without_validation_no_checkpoint_and_plateau_watches_training_loss(tmp_
     cbs = make_callbacks(cfg, train_images=10, checkpoint_dir=tmp_path, has_validation=False)
     assert "ModelCheckpoint" not in _kinds(cbs)
     assert cbs[-1].monitor == "loss"
+
+
+def test_logged_lr_is_the_rate_at_the_start_of_each_epoch(train_data):
+    import mlflow
+
+    from cifarflow.train import train
+
+    cfg = config.resolve("cnn_small", {"data": str(train_data), "epochs": 2, "width": 0.125, "batch_size": 16,
+                                       "val_fraction": 0.25, "warmup_epochs": 0, "learning_rate": 0.1})
+    run_id = train(cfg, quiet=True).run_id
+    lrs = [m.value for m in sorted(mlflow.tracking.MlflowClient().get_metric_history(run_id, "lr"), key=lambda m: m.step)]
+    assert lrs[0] == pytest.approx(0.1) and 0 < lrs[1] < 0.1  # cosine: full rate first, then lower, never 0

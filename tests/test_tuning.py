@@ -157,3 +157,12 @@ def test_two_workers_share_one_study_without_duplicated_or_lost_trials(train_dat
     trial_runs = [r.data.tags["cifarflow.trial"] for r in runs if "cifarflow.trial" in r.data.tags]
     assert sorted(trial_runs, key=int) == [str(t.number) for t in trials]  # one run per trial, none lost
     assert all(t.system_attrs.get(tuning.RUN_ID_ATTR) for t in trials)
+
+
+@pytest.mark.parametrize("recipe", ["mobilenetv2", "efficientnetv2b0", "efficientnetb0", "resnet50v2"])
+def test_the_transfer_search_file_is_valid_for_every_backbone(recipe):
+    path = tuning.find_space(recipe)
+    space = tuning.load_space(path, recipe)
+    assert path.name == "transfer.yaml"
+    assert space.params["resolution"].choices == [96, 128, 160, 224]
+    assert (space.params["fine_tune_fraction"].low, space.params["fine_tune_fraction"].high) == (0.0, 0.75)

@@ -36,6 +36,9 @@ class TrainConfig(pydantic.BaseModel):
     skip_corrupt: bool = False
     resize: bool = False
     seed: int = 42
+    # keep only these classes (relabelled 0..k-1 in the dataset's order): a list of
+    # names, or "animals" / "vehicles" (the CIFAR-10 groups)
+    classes: list[str] | Literal["animals", "vehicles"] | None = None
 
     # optimization
     epochs: int = pydantic.Field(30, ge=1)
@@ -69,13 +72,59 @@ class TrainConfig(pydantic.BaseModel):
     tta: Literal["none", "flip"] = "none"
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
 
+    # two-phase transfer learning (models with a backbone; both None: one phase of `epochs`).
+    # Phase 1 trains the head, backbone frozen, with optimizer/learning_rate/schedule for
+    # head_epochs; phase 2 unfreezes the top fine_tune_layers (else fine_tune_fraction) of the
+    # backbone, BatchNorm kept frozen, with SGD + cosine at fine_tune_learning_rate.
+    head_epochs: int | None = pydantic.Field(None, ge=0)
+    fine_tune_epochs: int | None = pydantic.Field(None, ge=0)
+    fine_tune_fraction: float = pydantic.Field(0.3, ge=0, le=1)  # 0: phase 2 trains the head only
+    fine_tune_layers: int | None = pydantic.Field(None, ge=0)
+    fine_tune_learning_rate: float = pydantic.Field(0.001, gt=0)
+    # pretrain the whole network (one phase of `epochs`, BatchNorm training) and log the
+    # backbone's weights as the artifact backbone.weights.h5, for weights=PATH elsewhere
+    source_task: bool = False
+    # before phase 1, re-estimate the backbone's BatchNorm statistics on this many training
+    # batches (useful with weights=none: BatchNorm then runs in inference mode); 0: off
+    calibrate_batchnorm: int = pydantic.Field(0, ge=0)
+
     # callbacks
     early_stopping_patience: int | None = pydantic.Field(None, ge=1)
     reduce_lr_patience: int | None = pydantic.Field(None, ge=1)
     reduce_lr_factor: float = pydantic.Field(0.5, gt=0, lt=1)
 
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _phase_epochs(cls, data: Any) -> Any:
+        """In a two-phase recipe ``epochs`` is ``head_epochs + fine_tune_epochs`` (set when absent)."""
+        if not isinstance(data, dict) or data.get("source_task") is True:
+            return data
+        head, tune = data.get("head_epochs"), data.get("fine_tune_epochs")
+        if head is None or tune is None:
+            return data
+        try:
+            total = int(float(head)) + int(float(tune))
+        except (TypeError, ValueError):
+            return data  # the field validators report the bad value
+        if data.get("epochs") is None:
+            return {**data, "epochs": total}
+        if str(data["epochs"]) not in (str(total), f"{total}.0"):
+            raise ValueError(f"epochs={data['epochs']} is not head_epochs + fine_tune_epochs = {head} + {tune} "
+                             "in a two-phase recipe (set head_epochs and fine_tune_epochs instead)")
+        return data
+
+    @property
+    def two_phase(self) -> bool:
+        """Head-then-fine-tune training (a transfer recipe that is not a source task)."""
+        return self.head_epochs is not None and not self.source_task
+
     @pydantic.model_validator(mode="after")
     def _check(self) -> "TrainConfig":
+        if (self.head_epochs is None) != (self.fine_tune_epochs is None):
+            raise ValueError("set both head_epochs and fine_tune_epochs (or neither)")
+        if (self.head_epochs is not None or self.source_task) and self.model not in models.transfer.BACKBONES:
+            raise ValueError(f"head_epochs/fine_tune_epochs/source_task need a transfer model "
+                             f"({', '.join(models.transfer.BACKBONES)}), not {self.model}")
         if self.reduce_lr_patience is not None and self.schedule != "constant":
             raise ValueError(
                 "reduce_lr_patience needs schedule=constant (a cosine schedule already sets the rate)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -221,6 +222,41 @@ def limit_per_class(x: np.ndarray, y: np.ndarray, limit: int | None, seed: int =
         picked = np.random.default_rng(seed).choice(idx, size=limit, replace=False)
     picked = np.sort(picked)
     return x[picked], y[picked]
+
+
+CLASS_GROUPS = {
+    "animals": ("bird", "cat", "deer", "dog", "frog", "horse"),
+    "vehicles": ("airplane", "automobile", "ship", "truck"),
+}
+
+
+def select_classes(ds: Dataset, classes: list[str] | str | None) -> Dataset:
+    """Keep only ``classes`` (names, or a :data:`CLASS_GROUPS` name) in both splits.
+
+    Labels are renumbered 0..k-1 in the dataset's own class order; the
+    checksum stays that of the source (the subset is a recipe setting).
+
+    Raises:
+        CifarflowError: an unknown class name, or fewer than two classes.
+    """
+    if classes is None:
+        return ds
+    names = CLASS_GROUPS[classes] if isinstance(classes, str) and classes in CLASS_GROUPS else classes
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [c for c in names if c not in ds.class_names]
+    if unknown or len(set(names)) < 2:
+        raise CifarflowError(
+            f"bad classes {names}" + (f": {unknown} not in the dataset" if unknown else " (need two or more)"),
+            f"pick two or more of: {', '.join(ds.class_names)}, or classes=animals / classes=vehicles",
+        )
+    keep = [i for i, c in enumerate(ds.class_names) if c in names]
+    relabel = np.full(len(ds.class_names), -1, np.int64)
+    relabel[keep] = np.arange(len(keep))
+    tr, te = np.isin(ds.y_train, keep), np.isin(ds.y_test, keep)
+    return dataclasses.replace(
+        ds, x_train=ds.x_train[tr], y_train=relabel[ds.y_train[tr]], x_test=ds.x_test[te],
+        y_test=relabel[ds.y_test[te]], class_names=tuple(ds.class_names[i] for i in keep),
+    )
 
 
 def dataset_checksum(x_train, y_train, x_test, y_test, class_names) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import subprocess
@@ -42,11 +43,15 @@ def _create_sqlite_store_once(uri: str) -> None:
 
     db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
+    chatter = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables..."
+    level = chatter.level
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        chatter.setLevel(logging.WARNING)
         try:
             mlflow.tracking.MlflowClient(uri).search_experiments(max_results=1)
         finally:
+            chatter.setLevel(level)
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
@@ -171,6 +176,7 @@ class EpochLogger(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
         self._train_end = 0.0
+        self._lr = float(np.asarray(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
 
     def on_test_begin(self, logs=None):
         if not self._train_end:
@@ -185,7 +191,7 @@ class EpochLogger(keras.callbacks.Callback):
             "train_accuracy": logs.get("accuracy"),
             "val_loss": logs.get("val_loss"),
             "val_accuracy": logs.get("val_accuracy"),
-            "lr": float(np.asarray(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))),
+            "lr": self._lr,  # in effect at the epoch's first step
             "epoch_seconds": end - self._start,
             "images_per_second": self.train_images / max(train_seconds, 1e-9),
         }

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import keras
 import mlflow
 import numpy as np
 
-from cifarflow import data, evaluation, models, pipeline, plots, tracking
+from cifarflow import data, evaluation, models, phases, pipeline, plots, tracking
+from cifarflow.models import transfer
 from cifarflow.config import TrainConfig
 from cifarflow.errors import CifarflowError
 
@@ -108,17 +110,22 @@ def make_callbacks(config: TrainConfig, *, train_images: int, checkpoint_dir: Pa
     return callbacks
 
 
+def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int) -> None:
+    """Compile with ``config``'s optimizer and schedule, label-smoothed cross-entropy and accuracy."""
+    model.compile(
+        optimizer=make_optimizer(config, steps_per_epoch),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+    )
+
+
 def build_and_compile(config: TrainConfig, num_classes: int, x_train: np.ndarray) -> keras.Model:
     """The recipe's model, normalized with ``x_train``'s pixel statistics and compiled
     with its optimizer, schedule (``ceil(len(x_train) / batch_size)`` steps per
     epoch), label-smoothed cross-entropy and accuracy."""
     mean, std = pixel_stats(x_train)
     model = models.build(config.model, num_classes=num_classes, mean=mean, std=std, **config.model_params)
-    model.compile(
-        optimizer=make_optimizer(config, math.ceil(len(x_train) / config.batch_size)),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=["accuracy"],
-    )
+    compile_model(model, config, math.ceil(len(x_train) / config.batch_size))
     return model
 
 
@@ -167,6 +174,59 @@ def train(config: TrainConfig, *, quiet: bool = False, run_name: str | None = No
         keras.config.set_dtype_policy(previous)
 
 
+def _fit_phases(model: keras.Model, plan: list[phases.Phase], config: TrainConfig, train_ds, val_ds,
+                steps_per_epoch: int, *, quiet: bool, train_images: int, checkpoint_dir: Path,
+                best_so_far: float | None, extra_callbacks: list | None = None) -> None:
+    """Fit ``model`` phase after phase, each compiled with its optimizer and with its own callbacks.
+
+    The epoch index (the metrics' step) counts on across phases; the best
+    validation checkpoint is the best over all phases. With more than one
+    phase (or a source task) the run gets the tags ``cifarflow.phase`` (the
+    phase in progress, then the last one) and ``cifarflow.phase_epochs``
+    (``head:0-1,fine_tune:2-4``) and a per-epoch metric ``phase`` (1, 2, ...);
+    ``trainable_params`` (and ``frozen_layers``/``unfrozen_layers``) are logged
+    at each phase's first epoch.
+    """
+    epoch, spans = 0, []
+    named = len(plan) > 1 or plan[0].name != "train"
+    if config.calibrate_batchnorm and transfer.backbone_of(model):
+        used = transfer.calibrate_batchnorm(model, train_ds.take(config.calibrate_batchnorm))
+        mlflow.log_metric("calibration_batches", used)
+    for index, phase in enumerate(plan, start=1):
+        counts = phases.prepare(model, phase)
+        compile_model(model, phase.config, steps_per_epoch)
+        if named:
+            mlflow.set_tag("cifarflow.phase", phase.name)
+        mlflow.log_metrics({"trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+                            **counts}, step=epoch)
+        callbacks = make_callbacks(config, train_images=train_images, checkpoint_dir=checkpoint_dir,
+                                   has_validation=val_ds is not None, best_so_far=best_so_far)
+        callbacks += list(extra_callbacks or [])
+        fitted = model.fit(train_ds, validation_data=val_ds, initial_epoch=epoch, epochs=epoch + phase.epochs,
+                           callbacks=callbacks, shuffle=False, verbose=0 if quiet else 1)  # the dataset shuffles, seeded
+        done = fitted.epoch or [epoch - 1]
+        if named:
+            spans.append(f"{phase.name}:{done[0]}-{done[-1]}")
+            for e in fitted.epoch:
+                mlflow.log_metric("phase", index, step=e)
+        epoch = done[-1] + 1
+        best = [c.best for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)]
+        best_so_far = float(best[0]) if best and math.isfinite(best[0]) else best_so_far
+    if named:
+        mlflow.set_tag("cifarflow.phase_epochs", ",".join(spans))
+
+
+def _log_backbone_weights(model: keras.Model, run_id: str) -> None:
+    """Source task: log the backbone's weights as ``backbone.weights.h5`` (tag ``cifarflow.backbone_weights``
+    holds its ``runs:/`` URI, usable as ``weights=`` of a target run)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "backbone.weights.h5"
+        transfer.backbone_of(model).save_weights(str(path))
+        mlflow.log_artifact(str(path))
+        mlflow.set_tags({"cifarflow.backbone_weights": f"runs:/{run_id}/backbone.weights.h5",
+                         "cifarflow.backbone_weights_sha256": transfer.sha256_file(path)})
+
+
 def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: str | None, in_active_run: bool,
            extra_callbacks: list, log_model: bool, tags: dict[str, str]) -> TrainResult:
     """Train ``config`` end to end and record everything in one MLflow run.
@@ -201,12 +261,19 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
         CifarflowError: bad data, or a run that cannot be resumed; also on
             Ctrl-C, naming the run id to resume.
     """
+    plan = phases.plan(config)
+    if resume and len(plan) > 1:
+        raise CifarflowError(f"cannot resume run {resume}: resuming a two-phase run is not supported",
+                             "start a new run (without --resume)")
     tracking.configure()
     seed_everything(config.seed)
     ds = data.load(config.data, skip_corrupt=config.skip_corrupt, resize=config.resize)
+    ds = data.select_classes(ds, config.classes)
     x_all, y_all = data.limit_per_class(ds.x_train, ds.y_train, config.limit, config.seed)
     x_tr, y_tr, x_val, y_val = data.train_val_split(x_all, y_all, config.val_fraction, config.seed)
     model = build_and_compile(config, ds.num_classes, x_tr)
+    steps_per_epoch = math.ceil(len(x_tr) / config.batch_size)
+    weights_tags = transfer.weights_tags(config.model_params["weights"], model) if transfer.backbone_of(model) else {}
     train_ds = pipeline.make_dataset(
         x_tr, y_tr, ds.num_classes, config.batch_size, training=True, seed=config.seed,
         augment=pipeline.augmentation(config, seed=config.seed), mix=pipeline.mixing(config, seed=config.seed),
@@ -221,7 +288,7 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
         ckpt_dir = checkpoint_root() / run_id
         best_file = ckpt_dir / "best.weights.h5"
         history = _metric_history(run_id, ["val_accuracy"]) if resume else {"val_accuracy": []}
-        mlflow.set_tags({**tracking.run_tags(config.recipe, ds.checksum), **tags})
+        mlflow.set_tags({**tracking.run_tags(config.recipe, ds.checksum), **weights_tags, **tags})
         tracking.log_params_once(run_id, {
             **config.params(),
             "data_source": ds.source,
@@ -232,17 +299,12 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
         mlflow.log_metrics({
             "skipped_corrupt_images": ds.skipped,
             "params": model.count_params(),
-            "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         })
-        callbacks = make_callbacks(
-            config, train_images=len(y_tr), checkpoint_dir=ckpt_dir, has_validation=val_ds is not None,
-            best_so_far=max(history["val_accuracy"], default=None),
-        ) + list(extra_callbacks)
-
         started = time.perf_counter()
         try:
-            model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-                      shuffle=False, verbose=0 if quiet else 1)  # the dataset shuffles, seeded
+            _fit_phases(model, plan, config, train_ds, val_ds, steps_per_epoch, quiet=quiet,
+                        train_images=len(y_tr), checkpoint_dir=ckpt_dir,
+                        best_so_far=max(history["val_accuracy"], default=None), extra_callbacks=extra_callbacks)
         except KeyboardInterrupt:
             mlflow.end_run(status="KILLED")
             raise CifarflowError(
@@ -251,7 +313,11 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
             ) from None
         train_seconds = time.perf_counter() - started
         if best_file.is_file():
-            model.load_weights(str(best_file))
+            with warnings.catch_warnings():  # saved with another phase's optimizer: its state is not needed
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                model.load_weights(str(best_file))
+        if config.source_task:
+            _log_backbone_weights(model, run_id)
 
         test_loss, _ = model.evaluate(test_ds, verbose=0)
         probs = evaluation.predict(model, ds.x_test, batch_size=config.batch_size)

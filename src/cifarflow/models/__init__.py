@@ -12,6 +12,8 @@ from cifarflow.errors import CifarflowError
 from cifarflow.models.cnn import build_cnn
 from cifarflow.models.plain import build_simple5, build_vgg10
 from cifarflow.models.resnet import build_resnet, build_wrn
+from cifarflow.models.transfer import (build_efficientnetb0, build_efficientnetv2b0, build_mobilenetv2,
+                                       build_resnet50v2)
 from cifarflow.models.vit import build_vit
 
 BUILDERS: dict[str, Callable[..., keras.Model]] = {
@@ -21,6 +23,10 @@ BUILDERS: dict[str, Callable[..., keras.Model]] = {
     "resnet20": build_resnet,
     "wrn": build_wrn,
     "vit": build_vit,
+    "mobilenetv2": build_mobilenetv2,
+    "efficientnetv2b0": build_efficientnetv2b0,
+    "efficientnetb0": build_efficientnetb0,
+    "resnet50v2": build_resnet50v2,
 }
 # Arguments the trainer supplies from the data, never from a recipe.
 DATA_ARGUMENTS = ("num_classes", "mean", "std")
@@ -42,7 +48,7 @@ def builder(name: str) -> Callable[..., keras.Model]:
 
 def parameters(name: str) -> dict[str, inspect.Parameter]:
     """The recipe-settable parameters of a builder, by name (data arguments excluded)."""
-    sig = inspect.signature(builder(name))
+    sig = inspect.signature(builder(name), eval_str=True)
     return {k: p for k, p in sig.parameters.items() if k not in DATA_ARGUMENTS}
 
 
@@ -92,7 +98,11 @@ def build(name: str, *, num_classes: int, mean=None, std=None, **params) -> kera
         **params: builder parameters (validated by :func:`resolve_params`).
 
     Raises:
-        CifarflowError: unknown model name or parameter, bad value.
+        CifarflowError: unknown model name or parameter, bad value, or a
+            combination the builder refuses.
     """
     typed = resolve_params(name, params)
-    return builder(name)(num_classes=num_classes, mean=mean, std=std, **typed)
+    try:
+        return builder(name)(num_classes=num_classes, mean=mean, std=std, **typed)
+    except ValueError as exc:  # a builder's own shape checks, e.g. ResNet depth 6n+2
+        raise CifarflowError(f"cannot build '{name}': {exc}", "fix the model parameters in the recipe or --set/-P") from None

@@ -1,0 +1,257 @@
+"""Transfer learning: backbone preprocessing by construction, two-phase training, weights sources, class subsets.
+
+All with weights=none at small resolutions on tiny data; ImageNet downloads are simulated as failing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+
+from cifarflow import config, data, models
+from cifarflow.cli import main
+from cifarflow.errors import CifarflowError
+from cifarflow.models import transfer
+from cifarflow.train import train
+
+BACKBONES = ("mobilenetv2", "efficientnetv2b0", "efficientnetb0", "resnet50v2")
+SMALL = {"weights": "none", "resolution": 32}
+# each application's own preprocess_input, applied to resized 0..255 pixels
+PREPROCESS = {
+    "mobilenetv2": keras.applications.mobilenet_v2.preprocess_input,
+    "resnet50v2": keras.applications.resnet_v2.preprocess_input,
+    "efficientnetb0": keras.applications.efficientnet.preprocess_input,
+    "efficientnetv2b0": keras.applications.efficientnet_v2.preprocess_input,
+}
+
+
+def pixels(n=4, seed=0):
+    x = np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3)).astype(np.float32)
+    x[0] = 0.0
+    x[1] = 255.0  # the extremes of the range
+    return x
+
+
+def backbone_input(model, x):
+    """What the nested backbone receives for raw pixels ``x``."""
+    base = transfer.backbone_of(model)
+    feeder = model.layers[model.layers.index(base) - 1]
+    return np.asarray(keras.Model(model.input, feeder.output)(x))
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_each_backbone_receives_the_value_range_it_expects(name):
+    model = models.build(name, num_classes=3, weights="none", resolution=64)
+    x = pixels()
+    fed = backbone_input(model, x)
+    resized = np.asarray(keras.layers.Resizing(64, 64, interpolation="bilinear")(x))
+    assert fed.shape == (4, 64, 64, 3)
+    np.testing.assert_allclose(fed, np.asarray(PREPROCESS[name](resized.copy())), atol=1e-4)
+    base = transfer.backbone_of(model)
+    if name in ("mobilenetv2", "resnet50v2"):  # preprocess_input mode "tf": [-1, 1]
+        assert fed.min() == pytest.approx(-1.0) and fed.max() == pytest.approx(1.0)
+    else:  # the EfficientNets take 0..255 and rescale to [0, 1] as their own first layer
+        assert fed.min() == pytest.approx(0.0) and fed.max() == pytest.approx(255.0)
+        rescale = base.layers[1]
+        assert type(rescale).__name__ == "Rescaling" and rescale.scale == pytest.approx(1 / 255)
+        assert type(base.layers[2]).__name__ == "Normalization"
+    probs = model.predict(x, verbose=0)
+    assert probs.shape == (4, 3) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_fine_tune_fraction_unfreezes_the_top_layers_but_no_batchnorm(name):
+    model = models.build(name, num_classes=3, **SMALL)
+    body = [l for l in transfer.backbone_of(model).layers if not isinstance(l, keras.layers.InputLayer)]
+    transfer.freeze_backbone(model)
+    assert not any(l.trainable for l in body) and model.get_layer("probs").trainable
+    frozen, unfrozen = transfer.unfreeze_top(model, 0.25)
+    top = body[-round(0.25 * len(body)):]
+    bn_in_top = sum(isinstance(l, keras.layers.BatchNormalization) for l in top)
+    assert unfrozen == len(top) - bn_in_top and frozen == len(body) - unfrozen
+    assert [l.trainable for l in body] == [l in top and not isinstance(l, keras.layers.BatchNormalization)
+                                           for l in body]
+    assert transfer.unfreeze_top(model, 0.25, count=5)[1] <= 5
+    assert transfer.unfreeze_top(model, 0.0) == (len(body), 0)  # fraction 0: phase 2 trains the head only
+
+
+def bn_stats(model):
+    base = transfer.backbone_of(model)
+    return [(np.asarray(l.moving_mean), np.asarray(l.moving_variance))
+            for l in base.layers if isinstance(l, keras.layers.BatchNormalization)]
+
+
+def two_phase(data_dir, name, **extra):
+    return config.resolve(name, {**SMALL, "data": str(data_dir), "head_epochs": 1, "fine_tune_epochs": 1,
+                                 "fine_tune_fraction": 0.5, "batch_size": 32, "val_fraction": 0.25,
+                                 "crop_padding": 0, **extra})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BACKBONES)
+def test_two_phases_train_in_one_run_and_the_model_reloads(name, train_data, tmp_path):
+    cfg = two_phase(train_data, name, limit=40)
+    result = train(cfg, quiet=True)
+    client = mlflow.tracking.MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["cifarflow.phase"] == "fine_tune" and tags["cifarflow.phase_epochs"] == "head:0-0,fine_tune:1-1"
+    assert tags["cifarflow.weights_source"] == "none"
+    steps = lambda key: [(m.step, m.value) for m in sorted(client.get_metric_history(result.run_id, key),  # noqa: E731
+                                                           key=lambda m: m.step)]
+    assert [s for s, _ in steps("val_accuracy")] == [0, 1]  # one curve across both phases
+    assert steps("phase") == [(0, 1.0), (1, 2.0)]
+    (_, head_params), (_, tuned_params) = steps("trainable_params")
+    assert head_params < tuned_params
+    fresh = models.build(name, num_classes=3, **SMALL)
+    expected = transfer.unfreeze_top(fresh, 0.5)
+    assert (steps("frozen_layers")[1][1], steps("unfrozen_layers")[1][1]) == expected
+    assert steps("unfrozen_layers")[0][1] == 0
+
+    # BatchNorm ran in inference mode in both phases: its moving statistics never moved from their init
+    model = mlflow.keras.load_model(result.model_uri)
+    for mean, var in bn_stats(model):
+        np.testing.assert_array_equal(mean, 0.0)
+        np.testing.assert_array_equal(var, 1.0)
+
+    # the logged model reloads with the predictions that were evaluated (pyfunc and Keras flavours alike)
+    ds = data.load(train_data)
+    probs = model.predict(ds.x_test, verbose=0)
+    assert (probs.argmax(1) == ds.y_test).mean() == pytest.approx(result.metrics["test_accuracy"])
+    pyfunc = np.asarray(mlflow.pyfunc.load_model(result.model_uri).predict(ds.x_test.astype(np.float32)))
+    np.testing.assert_allclose(pyfunc, probs, atol=1e-5)
+    if name != "mobilenetv2":
+        return
+    # ... also in a fresh process that never imports cifarflow (built-in layers only)
+    np.save(tmp_path / "x.npy", ds.x_test.astype(np.float32))
+    script = ("import json, sys, mlflow, numpy as np\n"
+              f"m = mlflow.keras.load_model({result.model_uri!r})\n"
+              "assert 'cifarflow' not in sys.modules\n"
+              f"print(json.dumps(m.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0).tolist()))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(np.array(json.loads(proc.stdout.strip().splitlines()[-1])), probs, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_source_task_weights_transfer_to_a_target_run(train_data):
+    mobile = {"alpha": 0.35, "batch_size": 32, "val_fraction": 0.25, "crop_padding": 0, "limit": 40}
+    source = train(config.resolve("mobilenetv2", {**SMALL, **mobile, "data": str(train_data), "epochs": 1,
+                                                  "source_task": True, "classes": ["cat", "dog"]}), quiet=True)
+    client = mlflow.tracking.MlflowClient()
+    src = client.get_run(source.run_id)
+    assert src.data.tags["cifarflow.phase"] == "source" and src.data.params["num_classes"] == "2"
+    uri = src.data.tags["cifarflow.backbone_weights"]
+    assert uri == f"runs:/{source.run_id}/backbone.weights.h5"
+    assert "backbone.weights.h5" in {a.path for a in client.list_artifacts(source.run_id)}
+    # BatchNorm trained in the source task: its statistics moved
+    assert any(not np.allclose(m, 0) for m, _ in bn_stats(mlflow.keras.load_model(source.model_uri)))
+
+    # a target model given the file starts from exactly the source's backbone, and says so in its tags
+    built = models.build("mobilenetv2", num_classes=2, resolution=32, alpha=0.35, weights=uri)
+    tags = transfer.weights_tags(uri, built)
+    assert tags["cifarflow.weights_source"] == uri
+    assert tags["cifarflow.weights_sha256"] == src.data.tags["cifarflow.backbone_weights_sha256"]
+    learned = transfer.backbone_of(mlflow.keras.load_model(source.model_uri))
+    for a, b in zip(transfer.backbone_of(built).weights, learned.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_batchnorm_calibration_estimates_statistics_and_keeps_flags():
+    model = models.build("mobilenetv2", num_classes=3, alpha=0.35, resolution=64, weights="none")
+    transfer.freeze_backbone(model)
+    x = pixels(8)
+    used = transfer.calibrate_batchnorm(model, [(x[:4], None), (x[4:], None)])
+    assert used == 2
+    stats = bn_stats(model)
+    assert not np.allclose(stats[0][0], 0) and not np.allclose(stats[0][1], 1)
+    base = transfer.backbone_of(model)
+    assert not any(l.trainable for l in base.layers)  # flags and momentum restored
+    assert {l.momentum for l in base.layers if isinstance(l, keras.layers.BatchNormalization)} == {0.999}
+    model(x, training=True)  # frozen BatchNorm: inference mode even in a training call
+    for (m0, v0), (m1, v1) in zip(stats, bn_stats(model)):
+        np.testing.assert_array_equal(m0, m1)
+        np.testing.assert_array_equal(v0, v1)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_offline_imagenet_is_a_one_line_error(name, monkeypatch):
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/x.h5: None -- "
+                        "[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
+    with pytest.raises(CifarflowError) as e:
+        models.build(name, num_classes=3, weights="imagenet", resolution=96)
+    message = str(e.value)
+    assert "\n" not in message and f"cannot load ImageNet weights for {name}" in message
+    assert str(transfer.keras_models_dir()) in message and "weights=PATH" in message
+
+
+def test_offline_imagenet_from_the_command_line(train_data, monkeypatch, capsys):
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file",
+                        lambda *a, **k: (_ for _ in ()).throw(Exception("URL fetch failure on https://x: None")))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "mobilenetv2", "--data", str(train_data), "--set", "resolution=96", "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: cannot load ImageNet weights for mobilenetv2") and "weights=PATH" in err
+
+
+def test_bad_weights_files(tmp_path):
+    with pytest.raises(CifarflowError, match="weights file not found"):
+        models.build("mobilenetv2", num_classes=3, resolution=32, weights=str(tmp_path / "nope.h5"))
+    other = tmp_path / "resnet.weights.h5"
+    transfer.backbone_of(models.build("resnet50v2", num_classes=3, **SMALL)).save_weights(str(other))
+    with pytest.raises(CifarflowError, match="does not fit mobilenetv2"):
+        models.build("mobilenetv2", num_classes=3, resolution=32, weights=str(other))
+
+
+def test_class_subsets_are_relabelled_in_dataset_order(folder_data):
+    ds = data.load(folder_data)
+    sub = data.select_classes(ds, ["ship", "cat"])
+    assert sub.class_names == ("cat", "ship")
+    assert set(sub.y_train) == {0, 1} and len(sub.y_train) == 24 and len(sub.y_test) == 8
+    np.testing.assert_array_equal(sub.x_train[sub.y_train == 1], ds.x_train[ds.y_train == 2])
+    with pytest.raises(CifarflowError, match=r"\['horse'\] not in the dataset"):
+        data.select_classes(ds, ["cat", "horse"])
+    assert data.CLASS_GROUPS["animals"] + data.CLASS_GROUPS["vehicles"] and not (
+        set(data.CLASS_GROUPS["animals"]) & set(data.CLASS_GROUPS["vehicles"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"epochs": 4}, r"epochs=4 is not head_epochs \+ fine_tune_epochs = 5 \+ 10"),
+    ({"fine_tune_fraction": -0.1}, r"bad value for 'fine_tune_fraction'"),
+    ({"classes": "plants"}, r"bad value for 'classes"),
+    ({"alpha": "wide"}, r"bad value for model parameter 'alpha'"),
+    ({"resolution": 16}, r"bad value for model parameter 'resolution'.*greater than or equal to 32"),
+    ({"dropout": 1.0}, r"bad value for model parameter 'dropout'"),
+])
+def test_bad_transfer_settings(overrides, message):
+    with pytest.raises(CifarflowError, match=message):
+        config.resolve("mobilenetv2", overrides)
+
+
+def test_phase_settings_need_a_transfer_model_and_epochs_follow_the_phases():
+    with pytest.raises(CifarflowError, match="need a transfer model"):
+        config.resolve("cnn", {"head_epochs": 1, "fine_tune_epochs": 1, "epochs": 2})
+    with pytest.raises(CifarflowError, match="set both head_epochs and fine_tune_epochs"):
+        config.resolve("cnn", {"head_epochs": 1})
+    cfg = config.resolve("resnet50v2", {"head_epochs": 2.0, "fine_tune_epochs": 3, "epochs": 5})
+    assert cfg.epochs == 5 and cfg.two_phase
+    assert config.resolve("resnet50v2", {"source_task": True, "epochs": 7}).two_phase is False
+
+
+def test_two_phase_resume_is_refused(train_data):
+    with pytest.raises(CifarflowError, match="resuming a two-phase run is not supported"):
+        train(two_phase(train_data, "mobilenetv2"), quiet=True, resume="0123")
