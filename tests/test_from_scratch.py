@@ -84,3 +84,9 @@ def test_bad_shapes_are_refused(name, params, message):
     with pytest.raises(CifarflowError, match=f"cannot build '{name}': .*{message}") as e:
         models.build(name, num_classes=10, **params)
     assert "\n" not in str(e.value)
+
+
+def test_wrn_batchnorm_follows_the_reference_momentum():
+    model = models.build("wrn", num_classes=10, depth=10, width=1)
+    bns = [l for l in model.layers if type(l).__name__ == "BatchNormalization"]
+    assert bns and all(l.momentum == 0.9 for l in bns)

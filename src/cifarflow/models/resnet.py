@@ -10,6 +10,7 @@ from keras import layers
 from cifarflow.models.layers import pixel_input
 
 _INIT = "he_normal"
+_WRN_BN_MOMENTUM = 0.9
 
 
 def _shortcut_a(x, filters: int, stride: int, name: str):
@@ -92,7 +93,9 @@ def build_wrn(
     with 16k, 32k, 64k filters (k = ``width``), stride 2 at groups 2 and 3,
     1x1 conv shortcuts where the shape changes; final BN-ReLU, global average
     pooling, softmax. WRN-28-10: 36.5M params, 3.89% CIFAR-10 test error
-    with dropout 0.3 in the paper; WRN-16-4: 2.7M params.
+    with dropout 0.3 in the paper; WRN-16-4: 2.7M params. BatchNorm momentum
+    0.9 as in the authors' Torch code (momentum 0.1 there): Keras' default 0.99
+    leaves the moving statistics stale in short runs, so validation reads chance.
 
     Args:
         num_classes: output classes.
@@ -117,11 +120,11 @@ def build_wrn(
         for block in range(n):
             stride = 2 if group > 0 and block == 0 else 1
             name = f"group{group + 1}_block{block + 1}"
-            pre = layers.BatchNormalization(name=f"{name}_bn1")(x)
+            pre = layers.BatchNormalization(momentum=_WRN_BN_MOMENTUM, name=f"{name}_bn1")(x)
             pre = layers.ReLU(name=f"{name}_relu1")(pre)
             y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
                               kernel_initializer=_INIT, name=f"{name}_conv1")(pre)
-            y = layers.BatchNormalization(name=f"{name}_bn2")(y)
+            y = layers.BatchNormalization(momentum=_WRN_BN_MOMENTUM, name=f"{name}_bn2")(y)
             y = layers.ReLU(name=f"{name}_relu2")(y)
             if dropout:
                 y = layers.Dropout(dropout, name=f"{name}_dropout")(y)
@@ -131,7 +134,7 @@ def build_wrn(
                 x = layers.Conv2D(filters, 1, strides=stride, use_bias=False, kernel_initializer=_INIT,
                                   name=f"{name}_shortcut")(pre)
             x = layers.Add(name=f"{name}_add")([x, y])
-    x = layers.BatchNormalization(name="final_bn")(x)
+    x = layers.BatchNormalization(momentum=_WRN_BN_MOMENTUM, name="final_bn")(x)
     x = layers.ReLU(name="final_relu")(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
