@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -283,6 +284,8 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
         space = space.model_copy(update={"metric": metric})
     tracking.configure()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # MLflowCallback.track_in_mlflow and the matplotlib plots are marked experimental
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = optuna.create_study(
         study_name=study_name, storage=open_storage(storage, heartbeat), load_if_exists=True,
         direction=space.direction, pruner=space.pruner.build(), sampler=optuna.samplers.TPESampler(seed=space.seed),
