@@ -177,7 +177,8 @@ def open_storage(url: str, heartbeat: int = 60) -> optuna.storages.RDBStorage:
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
-                                          grace_period=2 * heartbeat, failed_trial_callback=_end_stale_run)
+                                          grace_period=2 * heartbeat,
+                                          heartbeat_stale_trial_callback=_end_stale_run)
     except Exception as exc:
         raise CifarflowError(f"cannot open Optuna storage {url}: {type(exc).__name__}: {exc}",
                              "pass --storage with a reachable SQLAlchemy URL, e.g. sqlite:///optuna.db") from None
@@ -286,6 +287,9 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # MLflowCallback.track_in_mlflow and the matplotlib plots are marked experimental
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # deprecated in optuna-integration 4.9 (callbacks move to OptunaHub, no replacement published
+    # yet); kept on the pinned 5.0.0, removed in 6.0
+    warnings.filterwarnings("ignore", message="MLflowCallback has been deprecated", category=FutureWarning)
     study = optuna.create_study(
         study_name=study_name, storage=open_storage(storage, heartbeat), load_if_exists=True,
         direction=space.direction, pruner=space.pruner.build(), sampler=optuna.samplers.TPESampler(seed=space.seed),
