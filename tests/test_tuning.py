@@ -103,11 +103,11 @@ def test_study_prunes_and_nests_trials_under_the_study_run(train_data, tmp_path)
     assert "test_accuracy" in best[0].data.metrics
 
 
-def _tune_command(train_data, space, storage, trials, study="shared"):
+def _tune_command(train_data, space, storage, trials, study="shared", epochs=3):
     exe = os.path.join(os.path.dirname(sys.executable), "cifarflow")
     return [exe, "tune", "simple5", "--study", study, "--trials", str(trials), "--storage", storage,
             "--space", str(space), "--data", str(train_data), "--heartbeat", "1",
-            "--epochs", "3", "--set", "batch_size=16", "--set", "val_fraction=0.25", "--set", "warmup_epochs=0"]
+            "--epochs", str(epochs), "--set", "batch_size=16", "--set", "val_fraction=0.25", "--set", "warmup_epochs=0"]
 
 
 def _space_without_pruning(tmp_path):
@@ -118,16 +118,16 @@ def _space_without_pruning(tmp_path):
 @pytest.mark.slow
 def test_a_killed_study_resumes_and_its_stale_trial_run_ends_failed(train_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    command = _tune_command(train_data, _space_without_pruning(tmp_path), storage, trials=3)
+    command = _tune_command(train_data, _space_without_pruning(tmp_path), storage, trials=3, epochs=6)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline:  # wait for one finished trial and a second one running
-        time.sleep(1)
+    while time.time() < deadline:  # one finished trial, and the second through its first of 6 epochs
+        time.sleep(0.5)
         try:
             trials = optuna.load_study(study_name="shared", storage=storage).trials
         except Exception:
             continue
-        if [t.state.name for t in trials][:2] == ["COMPLETE", "RUNNING"]:
+        if [t.state.name for t in trials][:2] == ["COMPLETE", "RUNNING"] and trials[1].intermediate_values:
             break
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
