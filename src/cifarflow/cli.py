@@ -123,6 +123,23 @@ def tune(recipe, study_name, trials, storage, space_path, timeout, n_jobs, heart
         click.echo(f"best {study.best_value:.4f} (trial {study.best_trial.number}): {study.best_params}")
 
 
+@cli.command("evaluate")
+@click.argument("model_ref", metavar="MODEL")
+@click.option("--data", default=None, help="The model's data at another path (checked by sha256).")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="Also score the average of each image and its mirror.")
+@click.option("--fgsm-images", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Size of the fixed test subset for FGSM robustness.")
+def evaluate_command(model_ref, data, tta, fgsm_images) -> None:
+    """Score MODEL (models:/..., runs:/RUN_ID or a run id) on its test set; log a linked run."""
+    _import_tensorflow_quietly()
+    from cifarflow import evaluate
+
+    run_id, metrics = evaluate.evaluate(model_ref, data=data, tta=tta, fgsm_images=fgsm_images)
+    click.echo(evaluate.format_table(metrics), nl=False)
+    click.echo(f"evaluation run {run_id}")
+
+
 @cli.group()
 def data() -> None:
     """Inspect data sources."""

@@ -67,6 +67,91 @@ def predict(model, x: np.ndarray, tta: str = "none", batch_size: int = 256) -> n
     return np.asarray(probs, dtype=np.float32)
 
 
+def reliability_bins(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> list[tuple[float, float, int]]:
+    """Per confidence bin: ``(mean confidence, accuracy, count)``.
+
+    The confidence of a prediction is its top probability; bins are equal
+    widths over (0, 1], right-inclusive (Guo et al. 2017, "On Calibration of
+    Modern Neural Networks"). Empty bins give ``(nan, nan, 0)``.
+    """
+    y_true = np.asarray(y_true).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y_true
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    out = []
+    for b in range(bins):
+        mask = index == b
+        n = int(mask.sum())
+        out.append((float(confidence[mask].mean()) if n else float("nan"),
+                    float(correct[mask].mean()) if n else float("nan"), n))
+    return out
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """ECE: sum over confidence bins of (bin share of the N images) x |accuracy - mean confidence|.
+
+    Args:
+        y_true: int labels (N,).
+        probs: probabilities (N, C).
+        bins: equal-width confidence bins (15 as in Guo et al. 2017).
+
+    Returns:
+        ECE as a fraction in [0, 1].
+    """
+    n = len(np.asarray(y_true).reshape(-1))
+    return float(sum(count / n * abs(acc - conf) for conf, acc, count in reliability_bins(y_true, probs, bins) if count))
+
+
+def fgsm(model, x: np.ndarray, y_true: np.ndarray, eps: float, batch_size: int = 128) -> np.ndarray:
+    """Fast gradient sign method (Goodfellow et al. 2015) on raw pixels.
+
+    ``x + eps * sign(d loss / d x)``, clipped to 0..255, with the
+    cross-entropy of the true labels as the loss.
+
+    Args:
+        model: Keras model, raw 0..255 pixels in, probabilities out.
+        x: images (N, 32, 32, 3), 0..255.
+        y_true: int labels (N,).
+        eps: step in pixel units (``eps = 8`` is the usual 8/255).
+        batch_size: images per gradient computation.
+
+    Returns:
+        float32 adversarial images (N, 32, 32, 3).
+
+    Raises:
+        NotImplementedError: a Keras backend other than TensorFlow or JAX.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    num_classes = model.output_shape[-1]
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = np.asarray(x[i:i + batch_size], dtype=np.float32)
+        yb = keras.ops.one_hot(np.asarray(y_true[i:i + batch_size]), num_classes)
+
+        def loss(images):
+            return keras.ops.sum(keras.losses.categorical_crossentropy(yb, model(images, training=False)))
+
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            xt = tf.convert_to_tensor(xb)
+            with tf.GradientTape() as tape:
+                tape.watch(xt)
+                value = loss(xt)
+            grad = tape.gradient(value, xt).numpy()
+        elif backend == "jax":
+            import jax
+
+            grad = np.asarray(jax.grad(loss)(xb))
+        else:
+            raise NotImplementedError(f"FGSM needs input gradients; backend {backend} is not supported")
+        out.append(np.clip(xb + eps * np.sign(grad), 0, 255))
+    return np.concatenate(out).astype(np.float32)
+
+
 def report_csv(report: dict) -> str:
     """scikit-learn's ``output_dict`` report as CSV (class, precision, recall, f1-score, support)."""
     lines = ["class,precision,recall,f1-score,support"]

@@ -186,20 +186,6 @@ def to_tflite(model, out_dir: Path, modes: list[str], representative: np.ndarray
 # ---------------------------------------------------------------- the command
 
 
-def _test_data(run, data: str | None):
-    from cifarflow import data as d
-
-    p = run.data.params
-    source = data or p.get("data_source") or p.get("data") or "cifar10"
-    flag = lambda k: str(p.get(k, "False")).lower() == "true"  # noqa: E731
-    ds = d.load(source, skip_corrupt=flag("skip_corrupt"), resize=flag("resize"))
-    expected = run.data.tags.get("cifarflow.dataset_sha256")
-    if expected and ds.checksum != expected:
-        raise CifarflowError(f"data {source} (sha256 {ds.checksum[:12]}) is not the data run {run.info.run_id} was "
-                             f"trained and tested on (sha256 {expected[:12]})", "pass the same data with --data")
-    return ds
-
-
 def _log(results: list[ExportResult], parity_file: Path, name: str, version: str | None, source_run: str) -> str:
     """Log the files and figures to a new export run (or `mlflow run`'s run) and as version tags; returns the run id.
 
@@ -282,7 +268,7 @@ def export(model_ref: str, formats: list[str], quantize: list[str] | None = None
         name, version, run_id, uri = ref.name, ref.version, ref.run_id, ref.uri
     out_dir = Path(out_dir or Path("export") / name / (version or ""))
     run = client.get_run(run_id)
-    ds = _test_data(run, data or None)
+    ds = registry.run_test_data(run, data or None)
     model = registry.load_keras(uri)
     x_test = ds.x_test.astype(np.float32)
     reference = model.predict(x_test, batch_size=256, verbose=0).astype(np.float64)

@@ -89,3 +89,23 @@ def samples_per_class(x, y, class_names, path: Path, per_class: int = 8, seed: i
             picks.append(np.zeros_like(x[0]))
             titles.append("")
     return image_grid(np.stack(picks), titles, path, columns=per_class)
+
+
+def reliability_diagram(bins: list[tuple[float, float, int]], ece: float, path: Path) -> Path:
+    """Accuracy per confidence bin against the diagonal of perfect calibration, with the ECE."""
+    n = len(bins)
+    edges = np.linspace(0, 1, n + 1)
+    acc = [a if c else 0.0 for _, a, c in bins]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.bar(edges[:-1], acc, width=1 / n, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {ece:.4f}, {n} bins)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -370,6 +370,34 @@ def load_keras(model_uri: str):
         return mlflow.keras.load_model(model_uri, dst_path=tmp)
 
 
+def run_test_data(run, data: str | None = None):
+    """The dataset a training run was tested on: its ``data_source`` (or ``data``),
+    ``skip_corrupt``/``resize`` options and ``classes`` subset.
+
+    Args:
+        run: an MLflow ``Run`` of ``cifarflow train``.
+        data: another path to the same data (e.g. where the run's path is not
+            valid on this machine).
+
+    Raises:
+        CifarflowError: the data's sha256 differs from the run's
+            ``cifarflow.dataset_sha256`` tag.
+    """
+    from cifarflow import data as d
+    from cifarflow.config import parse_value
+
+    p = run.data.params
+    source = data or p.get("data_source") or p.get("data") or "cifar10"
+    flag = lambda k: str(p.get(k, "False")).lower() == "true"  # noqa: E731
+    ds = d.load(source, skip_corrupt=flag("skip_corrupt"), resize=flag("resize"))
+    expected = run.data.tags.get("cifarflow.dataset_sha256")
+    if expected and ds.checksum != expected:
+        raise CifarflowError(f"data {source} (sha256 {ds.checksum[:12]}) is not the data run {run.info.run_id} was "
+                             f"trained and tested on (sha256 {expected[:12]})", "pass the same data with --data")
+    classes = p.get("classes")
+    return d.select_classes(ds, None if classes in (None, "None", "null") else parse_value(classes))
+
+
 def download_run_artifact(run_id: str, path: str, dest: Path) -> Path:
     """Download one artifact file of a run into folder ``dest``; returns its local path.
 
