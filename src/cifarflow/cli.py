@@ -140,6 +140,24 @@ def evaluate_command(model_ref, data, tta, fgsm_images) -> None:
     click.echo(f"evaluation run {run_id}")
 
 
+@cli.command("compare")
+@click.option("--experiments", "-e", multiple=True, help="Experiments to compare (default: every cifarflow/ one).")
+@click.option("--metric", default="test_accuracy", show_default=True, help="Ranking metric, best first.")
+@click.option("--out", type=click.Path(file_okay=False), default="comparison", show_default=True,
+              help="Folder for comparison.md/.csv and the plots.")
+@click.option("--latency", is_flag=True, help="Also time batch-1 predictions of each model.")
+def compare_command(experiments, metric, out, latency) -> None:
+    """Table and plots of finished runs side by side, logged as a comparison run."""
+    _import_tensorflow_quietly()
+    from pathlib import Path
+
+    from cifarflow import compare
+
+    run_id, rows = compare.compare(list(experiments) or None, metric, Path(out), latency)
+    click.echo(compare.to_markdown(rows), nl=False)
+    click.echo(f"comparison run {run_id}; files in {out}/")
+
+
 @cli.group()
 def data() -> None:
     """Inspect data sources."""

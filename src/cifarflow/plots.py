@@ -109,3 +109,39 @@ def reliability_diagram(bins: list[tuple[float, float, int]], ece: float, path: 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def scatter(x, y, labels, xlabel: str, ylabel: str, path: Path, log_x: bool = False) -> Path:
+    """Labelled points (None values skipped), saved to ``path``."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for xi, yi, label in zip(x, y, labels):
+        if xi is not None and yi is not None:
+            ax.scatter(xi, yi)
+            ax.annotate(str(label), (xi, yi), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def heatmap(values: np.ndarray, rows, columns, title: str, path: Path) -> Path:
+    """A (rows x columns) matrix of values in 0..1 with the values written in, saved to ``path``."""
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(columns), 1.5 + 0.45 * len(rows)))
+    im = ax.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if values[i, j] < 0.6 else "black")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
