@@ -29,6 +29,7 @@ def test_train_command_prints_the_run(train_data, capsys):
         (["train", "nope"], "error: no recipe 'nope'"),
         (["train", "cnn_small", "--set", "colour=red"], "error: unknown parameter 'colour'"),
         (["data", "info", "/no/such/data"], "error: data source not found"),
+        (["data", "info", "cifar10", "--out", "/no/such/dir/grid.png"], "error: folder of --out /no/such/dir/grid.png"),
     ],
 )
 def test_fixable_errors_are_one_line_with_status_2(argv, message, capsys):

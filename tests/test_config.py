@@ -47,6 +47,8 @@ def test_params_are_flat_and_yaml_roundtrips(tmp_path):
         ({"depth": "deep"}, r"bad value for model parameter 'depth'"),
         ({"reduce_lr_patience": 3}, r"reduce_lr_patience needs schedule=constant"),
         ({"val_fraction": 0, "early_stopping_patience": 2}, r"needs a validation split"),
+        ({"cutmix_alpha": 2.0}, r"bad value for 'cutmix_alpha'"),
+        ({"crop_padding": 32}, r"bad value for 'crop_padding'"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(overrides, message):

@@ -113,3 +113,9 @@ def test_fixable_registry_errors_are_one_line(trained, argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_the_policy_names_every_architecture():
+    from cifarflow import models, registry
+
+    assert set(models.BUILDERS) <= set(registry.load_policy().models)

@@ -94,11 +94,37 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(train_data, monkeypatch)
     assert sorted(set(steps)) == [0, 1, 2]
 
 
-def test_resuming_with_other_settings_is_refused(train_data):
-    first = train(tiny_config(train_data), quiet=True)
-    with pytest.raises(CifarflowError, match=r"logged with other settings \(epochs: 1 -> 2"):
-        train(tiny_config(train_data, epochs=2), quiet=True, resume=first.run_id)
+def test_resuming_a_finished_run_or_with_other_settings_is_refused(train_data, monkeypatch):
+    finished = train(tiny_config(train_data), quiet=True)
+    with pytest.raises(CifarflowError, match=r"run \w+ has no resume state .*finished runs keep none"):
+        train(tiny_config(train_data), quiet=True, resume=finished.run_id)
 
+    begin = tracking.EpochLogger.on_epoch_begin
+
+    def interrupt_in_second_epoch(self, epoch, logs=None):
+        begin(self, epoch, logs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking.EpochLogger, "on_epoch_begin", interrupt_in_second_epoch)
+    with pytest.raises(CifarflowError, match=r"--resume (\w+)") as e:
+        train(tiny_config(train_data, epochs=2), quiet=True)
+    run_id = str(e.value).rsplit("--resume ", 1)[1].rstrip(")")
+    with pytest.raises(CifarflowError, match=r"logged with other settings \(epochs: 2 -> 3"):
+        train(tiny_config(train_data, epochs=3), quiet=True, resume=run_id)
+
+    def interrupt_at_once(self, epoch, logs=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking.EpochLogger, "on_epoch_begin", interrupt_at_once)
+    with pytest.raises(CifarflowError, match=r"interrupted before its first epoch ended.*\(start it again\)"):
+        train(tiny_config(train_data), quiet=True)
+
+
+def test_params_typed_on_the_command_line_match_resolved_values():
+    assert tracking._same_value("5e-4", 0.0005) and tracking._same_value("2", 2.0)
+    assert tracking._same_value("null", None) and tracking._same_value("true", True)
+    assert not tracking._same_value("5e-4", 0.001) and not tracking._same_value("abc", 1.0)
 
 def test_mixed_precision_and_flip_tta(train_data):
     import keras

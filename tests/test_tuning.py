@@ -102,11 +102,18 @@ def test_study_prunes_and_nests_trials_under_the_study_run(train_data, tmp_path)
     assert best[0].data.params["val_images"] == "0" and best[0].data.params["epochs"] == "30"
     assert "test_accuracy" in best[0].data.metrics
 
+    again = tuning.tune("simple5", "prune-me", 3, overrides={**FIXED, "data": str(train_data)}, storage=storage,
+                        space_path=str(pruning_space(tmp_path)))
+    assert len(again.trials) == 3  # the study already holds 3 complete + pruned trials: nothing more runs
+    with pytest.raises(CifarflowError, match=r"study 'prune-me' .*searches \{'recipe': 'simple5', 'metric': 'val_accuracy'\}"):
+        tuning.tune("simple5", "prune-me", 4, overrides={**FIXED, "data": str(train_data)}, storage=storage,
+                    space_path=str(pruning_space(tmp_path)), metric="val_loss")
 
-def _tune_command(train_data, space, storage, trials, study="shared", epochs=3):
+
+def _tune_command(train_data, space, storage, trials, study="shared", epochs=3, heartbeat=1):
     exe = os.path.join(os.path.dirname(sys.executable), "cifarflow")
     return [exe, "tune", "simple5", "--study", study, "--trials", str(trials), "--storage", storage,
-            "--space", str(space), "--data", str(train_data), "--heartbeat", "1",
+            "--space", str(space), "--data", str(train_data), "--heartbeat", str(heartbeat),
             "--epochs", str(epochs), "--set", "batch_size=16", "--set", "val_fraction=0.25", "--set", "warmup_epochs=0"]
 
 
@@ -145,7 +152,8 @@ def test_a_killed_study_resumes_and_its_stale_trial_run_ends_failed(train_data, 
 @pytest.mark.slow
 def test_two_workers_share_one_study_without_duplicated_or_lost_trials(train_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    command = _tune_command(train_data, _space_without_pruning(tmp_path), storage, trials=4)
+    # heartbeat 5 s: on a busy machine a 2 s grace period could fail the other worker's live trial
+    command = _tune_command(train_data, _space_without_pruning(tmp_path), storage, trials=4, heartbeat=5)
     workers = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for w in workers:
         _, err = w.communicate(timeout=600)

@@ -92,7 +92,9 @@ def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, resume,
 @click.option("--storage", default="sqlite:///optuna.db", show_default=True, help="Optuna storage (SQLAlchemy URL).")
 @click.option("--space", "space_path", default=None, help="Search file (default: the one in experiments/search/ listing RECIPE).")
 @click.option("--timeout", type=float, default=None, help="Stop starting trials after S seconds.")
-@click.option("--n-jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Parallel trials (threads).")
+@click.option("--n-jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads running trials in this process (their MLflow runs are serialised: for parallel "
+                   "trials start several workers on the same --storage).")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for twice that is marked FAIL.")
 @click.option("--metric", type=click.Choice(["val_accuracy", "val_loss"]), default=None,
@@ -176,7 +178,11 @@ def data_info(source, out, skip_corrupt, resize) -> None:
     from cifarflow import data as d
     from cifarflow import plots
 
+    if not Path(out).absolute().parent.is_dir():
+        raise CifarflowError(f"folder of --out {out} does not exist", "create it or pass another --out")
     ds = d.load(source, skip_corrupt=skip_corrupt, resize=resize)
+    if not len(ds.y_train):
+        raise CifarflowError(f"no readable training image in {source}", "check the data")
     train_counts = d.class_counts(ds.y_train, ds.class_names)
     test_counts = d.class_counts(ds.y_test, ds.class_names)
     click.echo(f"source:   {ds.source}")

@@ -54,7 +54,7 @@ class TrainConfig(pydantic.BaseModel):
     label_smoothing: float = pydantic.Field(0.0, ge=0, lt=1)
 
     # augmentation (applied in the input pipeline, training split only)
-    crop_padding: int = pydantic.Field(4, ge=0)
+    crop_padding: int = pydantic.Field(4, ge=0, lt=32)
     flip: bool = True
     rotation: float = pydantic.Field(0.0, ge=0, le=0.5)
     shift: float = pydantic.Field(0.0, ge=0, lt=1)
@@ -65,7 +65,7 @@ class TrainConfig(pydantic.BaseModel):
     randaugment_magnitude: float = pydantic.Field(0.5, ge=0, le=1)
     # batch-level mixing (soft labels); 0 disables each
     mixup_alpha: float = pydantic.Field(0.0, ge=0)
-    cutmix_alpha: float = pydantic.Field(0.0, ge=0)
+    cutmix_alpha: float = pydantic.Field(0.0, ge=0, le=1)  # Keras CutMix bounds it to [0, 1]
     mix_prob: float = pydantic.Field(1.0, ge=0, le=1)
 
     # evaluation and numerics

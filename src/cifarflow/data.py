@@ -304,8 +304,9 @@ def _load_keras_download() -> Dataset:
             f"could not download CIFAR-10 through Keras: {type(exc).__name__}: {exc}".splitlines()[0],
             "connect to the internet once, or pass --data PATH / set CIFARFLOW_DATA to a local copy",
         ) from None
+    cached = keras_cifar10_dir()  # where Keras put it: a source the run's data_source can reload
     return Dataset(**{**_make(x_train, y_train, x_test, y_test, CIFAR10_CLASSES).__dict__,
-                      "source": "keras.datasets.cifar10"})
+                      "source": str(cached) if cached else "cifar10"})
 
 
 def _fingerprint(path: Path) -> str:

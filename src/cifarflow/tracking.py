@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -32,27 +33,40 @@ def configure() -> str:
     return uri
 
 
+@contextlib.contextmanager
+def sqlite_lock(url: str):
+    """Hold an exclusive inter-process lock next to the SQLite file of ``url``
+    (``sqlite:///path``) while creating or migrating it; no-op for other URLs."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(url.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _create_sqlite_store_once(uri: str) -> None:
-    """Create or migrate a SQLite store under a file lock.
+    """Create or migrate a SQLite store under :func:`sqlite_lock`.
 
     Two processes opening a new ``mlflow.db`` at once (two tuning workers)
     otherwise race in MLflow's schema migration (``table _alembic_tmp_runs
     already exists``).
     """
-    import fcntl
-
-    db = Path(uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
     chatter = logging.getLogger("mlflow.store.db.utils")  # "Creating initial MLflow database tables..."
     level = chatter.level
-    with open(db.with_name(db.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with sqlite_lock(uri):
         chatter.setLevel(logging.WARNING)
         try:
             mlflow.tracking.MlflowClient(uri).search_experiments(max_results=1)
         finally:
             chatter.setLevel(level)
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def experiment_name(recipe: str) -> str:
@@ -128,7 +142,12 @@ def run_tags(recipe: str, dataset_checksum: str) -> dict[str, str]:
 def _same_value(logged: str, value) -> bool:
     from cifarflow.config import parse_value
 
-    return logged == str(value) or parse_value(logged) == value
+    if logged == str(value) or parse_value(logged) == value:
+        return True
+    try:  # `mlflow run -P weight_decay=5e-4` logs "5e-4"; YAML reads that as a string
+        return not isinstance(value, bool) and float(logged) == float(value)
+    except (TypeError, ValueError):
+        return False
 
 
 def log_params_once(run_id: str, params: dict) -> None:

@@ -141,6 +141,12 @@ def _metric_history(run_id: str, keys) -> dict[str, list[float]]:
 
 def _start_run(config: TrainConfig, run_name: str | None, resume: str | None):
     if resume:
+        if not (checkpoint_root() / resume / "backup").is_dir():
+            raise CifarflowError(
+                f"run {resume} has no resume state in {checkpoint_root().absolute() / resume / 'backup'} "
+                "(finished runs keep none)",
+                "resume from the directory the run started in (or set CIFARFLOW_CHECKPOINTS), or start a new run",
+            )
         try:
             return mlflow.start_run(run_id=resume)
         except Exception as exc:
@@ -306,11 +312,21 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
                         train_images=len(y_tr), checkpoint_dir=ckpt_dir,
                         best_so_far=max(history["val_accuracy"], default=None), extra_callbacks=extra_callbacks)
         except KeyboardInterrupt:
+            if in_active_run:  # a tuning trial: the study decides; a trial is never resumed
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+                raise
             mlflow.end_run(status="KILLED")
+            if not (ckpt_dir / "backup").is_dir():
+                raise CifarflowError(f"training interrupted before its first epoch ended; run {run_id} is KILLED",
+                                     "start it again") from None
             raise CifarflowError(
                 f"training interrupted; run {run_id} is saved up to its last finished epoch",
                 f"continue it with the same command plus --resume {run_id}",
             ) from None
+        except Exception:
+            if in_active_run:  # a pruned or failed trial leaves nothing to resume
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+            raise
         train_seconds = time.perf_counter() - started
         if best_file.is_file():
             with warnings.catch_warnings():  # saved with another phase's optimizer: its state is not needed

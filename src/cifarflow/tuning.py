@@ -176,9 +176,10 @@ def open_storage(url: str, heartbeat: int = 60) -> optuna.storages.RDBStorage:
     """
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
-                                          grace_period=2 * heartbeat,
-                                          heartbeat_stale_trial_callback=_end_stale_run)
+        with tracking.sqlite_lock(url):  # two fresh workers would race creating the tables
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
+                                              grace_period=2 * heartbeat,
+                                              heartbeat_stale_trial_callback=_end_stale_run)
     except Exception as exc:
         raise CifarflowError(f"cannot open Optuna storage {url}: {type(exc).__name__}: {exc}",
                              "pass --storage with a reachable SQLAlchemy URL, e.g. sqlite:///optuna.db") from None
@@ -203,6 +204,18 @@ def _finish_trial_run(recipe: str):
             client = mlflow.tracking.MlflowClient()
             client.update_run(run_id, name=f"{recipe}-{study.study_name}-trial{trial.number}")
             client.set_terminated(run_id, _STATUS.get(trial.state.name, "FAILED"))
+    return callback
+
+
+def _stop_after_failures(limit: int):
+    failures = []
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Stop this worker after ``limit`` failed trials: a broken setting must not loop forever."""
+        if trial.state == optuna.trial.TrialState.FAIL:
+            failures.append(trial.number)
+            if len(failures) >= limit:
+                study.stop()
     return callback
 
 
@@ -259,7 +272,8 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
         storage: SQLAlchemy URL of the Optuna storage.
         space_path: search file; found by recipe in ``experiments/search/`` when None.
         timeout: stop starting trials after this many seconds.
-        n_jobs: trials in parallel threads of this process.
+        n_jobs: threads of this process running trials; MLflowCallback serialises
+            the trials' runs, so use several processes (workers) for parallelism.
         quiet: no progress bars.
         heartbeat: seconds between trial heartbeats (stale after twice that).
         metric: ``val_accuracy`` or ``val_loss``, overriding the search file's.
@@ -294,9 +308,16 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
         study_name=study_name, storage=open_storage(storage, heartbeat), load_if_exists=True,
         direction=space.direction, pruner=space.pruner.build(), sampler=optuna.samplers.TPESampler(seed=space.seed),
     )
-    if not study.trials:
+    identity = {"recipe": recipe, "metric": space.metric}
+    if not study.trials and not study.user_attrs:
+        for key, value in identity.items():
+            study.set_user_attr(key, value)
         for fixed in space.enqueue:
             study.enqueue_trial(fixed)
+    known = {k: study.user_attrs.get(k) for k in identity}
+    if known != identity or study.direction.name.lower() != space.direction:
+        raise CifarflowError(f"study '{study_name}' in {storage} searches {known} ({study.direction.name.lower()}), "
+                             f"not {identity}", "use another --study name, or the study's recipe and metric")
 
     experiment = mlflow.set_experiment(tracking.experiment_name(recipe))
     parent_id = _parent_run(experiment.experiment_id, study_name)
@@ -318,12 +339,13 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
             best = (max if space.direction == "maximize" else min)(m.value for m in values)
             return float(best)
 
-        study.optimize(
-            objective, n_trials=trials, timeout=timeout, n_jobs=n_jobs, catch=(Exception,),
-            callbacks=[optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,
-                                                                      optuna.trial.TrialState.PRUNED)),
-                       mlflow_cb, _finish_trial_run(recipe)],
-        )
+        counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        if len(study.get_trials(deepcopy=False, states=counted)) < trials:  # else: already done
+            study.optimize(  # no per-worker cap: MaxTrialsCallback stops at `trials` across workers
+                objective, n_trials=None, timeout=timeout, n_jobs=n_jobs, catch=(Exception,),
+                callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted), mlflow_cb,
+                           _finish_trial_run(recipe), _stop_after_failures(max(3, trials))],
+            )
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         states = [t.state.name for t in study.trials]
         mlflow.log_metrics({"trials_complete": states.count("COMPLETE"), "trials_pruned": states.count("PRUNED"),
