@@ -18,6 +18,8 @@ def test_compare_tabulates_several_runs(train_data, tmp_path, capsys):
     a = train(config.resolve("cnn_small", {**TINY, "data": str(train_data), "width": 0.125, "dense_units": 16}), quiet=True)
     b = train(config.resolve("simple5", {**TINY, "data": str(train_data), "filters": 4, "dense_units": 8,
                                          "tta": "flip"}), quiet=True)
+    trial = train(config.resolve("simple5", {**TINY, "data": str(train_data), "filters": 2, "dense_units": 4}),
+                  quiet=True, tags={"cifarflow.trial": "0"})
     main(["evaluate", a.model_uri, "--fgsm-images", "3"])
     capsys.readouterr()
     out = tmp_path / "cmp"
@@ -25,7 +27,8 @@ def test_compare_tabulates_several_runs(train_data, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| run | recipe | params |" in printed and "comparison run " in printed
     rows = list(csv.DictReader((out / "comparison.csv").open()))
-    assert {r["run_id"] for r in rows} == {a.run_id, b.run_id}  # the evaluation run is not a row
+    assert {r["run_id"] for r in rows} == {a.run_id, b.run_id}  # neither the evaluation run nor the trial
+    assert trial.run_id not in {r["run_id"] for r in rows}
     accuracies = [float(r["test_accuracy"]) for r in rows]
     assert accuracies == sorted(accuracies, reverse=True)
     by_id = {r["run_id"]: r for r in rows}

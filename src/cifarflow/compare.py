@@ -63,7 +63,7 @@ def collect(experiments: list[str] | None = None, metric: str = "test_accuracy",
 
     Returns:
         Rows with the :data:`COLUMNS` keys (None where a run lacks a figure),
-        best first. ``train_val_gap`` is last ``train_accuracy`` minus last
+        best first; tuning trials are left out. ``train_val_gap`` is last ``train_accuracy`` minus last
         ``val_accuracy``; ``ece`` comes from the newest ``cifarflow evaluate``
         run of the model, if any; ``images_per_second`` is the median over epochs.
 
@@ -93,6 +93,8 @@ def collect(experiments: list[str] | None = None, metric: str = "test_accuracy",
     rows = []
     for run in runs:
         m, tags = run.data.metrics, run.data.tags
+        if "cifarflow.trial" in tags:  # tuning trials are search steps, not models to compare
+            continue
         train_acc, val_acc = _last(client, run.info.run_id, "train_accuracy"), _last(client, run.info.run_id, "val_accuracy")
         ips = [x.value for x in client.get_metric_history(run.info.run_id, "images_per_second")]
         uri = tags.get("cifarflow.model_uri")
