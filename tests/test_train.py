@@ -28,6 +28,26 @@ def history(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+def interrupt_at(monkeypatch, hook: str, epoch: int, after: bool):
+    """Make ``EpochLogger.<hook>`` raise KeyboardInterrupt at ``epoch`` (after its own work when
+    ``after``); returns the original hook."""
+    original = getattr(tracking.EpochLogger, hook)
+
+    def interrupting(self, e, logs=None):
+        if after:
+            original(self, e, logs)
+        if e == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking.EpochLogger, hook, interrupting)
+    return original
+
+
+def resume_id(error: CifarflowError) -> str:
+    """The run id an interrupted run's message names after ``--resume``."""
+    return str(error).rsplit("--resume ", 1)[1].rstrip(")")
+
+
 def test_one_epoch_run_logs_everything_and_the_model_reloads(train_data):
     result = train(tiny_config(train_data), quiet=True, run_name="cnn_small-tiny")
     client = mlflow.tracking.MlflowClient()
@@ -70,17 +90,10 @@ def test_same_seed_gives_the_same_metrics(train_data):
 
 def test_an_interrupted_run_resumes_from_its_last_epoch(train_data, monkeypatch):
     cfg = tiny_config(train_data, epochs=3)
-    original = tracking.EpochLogger.on_epoch_end
-
-    def interrupt_after_second_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(tracking.EpochLogger, "on_epoch_end", interrupt_after_second_epoch)
+    original = interrupt_at(monkeypatch, "on_epoch_end", epoch=1, after=True)
     with pytest.raises(CifarflowError, match=r"training interrupted.*--resume (\w+)") as e:
         train(cfg, quiet=True)
-    run_id = str(e.value).rsplit("--resume ", 1)[1].rstrip(")")
+    run_id = resume_id(e.value)
     client = mlflow.tracking.MlflowClient()
     assert client.get_run(run_id).info.status == "KILLED"
 
@@ -99,24 +112,14 @@ def test_resuming_a_finished_run_or_with_other_settings_is_refused(train_data, m
     with pytest.raises(CifarflowError, match=r"run \w+ has no resume state .*finished runs keep none"):
         train(tiny_config(train_data), quiet=True, resume=finished.run_id)
 
-    begin = tracking.EpochLogger.on_epoch_begin
-
-    def interrupt_in_second_epoch(self, epoch, logs=None):
-        begin(self, epoch, logs)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(tracking.EpochLogger, "on_epoch_begin", interrupt_in_second_epoch)
+    interrupt_at(monkeypatch, "on_epoch_begin", epoch=1, after=True)
     with pytest.raises(CifarflowError, match=r"--resume (\w+)") as e:
         train(tiny_config(train_data, epochs=2), quiet=True)
-    run_id = str(e.value).rsplit("--resume ", 1)[1].rstrip(")")
+    run_id = resume_id(e.value)
     with pytest.raises(CifarflowError, match=r"logged with other settings \(epochs: 2 -> 3"):
         train(tiny_config(train_data, epochs=3), quiet=True, resume=run_id)
 
-    def interrupt_at_once(self, epoch, logs=None):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(tracking.EpochLogger, "on_epoch_begin", interrupt_at_once)
+    interrupt_at(monkeypatch, "on_epoch_begin", epoch=0, after=False)
     with pytest.raises(CifarflowError, match=r"interrupted before its first epoch ended.*\(start it again\)"):
         train(tiny_config(train_data), quiet=True)
 

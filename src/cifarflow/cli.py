@@ -36,6 +36,13 @@ def _import_tensorflow_quietly() -> None:
             os.close(saved)
 
 
+def _overrides(sets, **options) -> dict:
+    """``--set key=value`` items plus the options the user gave (None = not given)."""
+    from cifarflow import config as cfg
+
+    return {**cfg.parse_overrides(sets), **{k: v for k, v in options.items() if v is not None}}
+
+
 def run_name(config, recipe: str) -> str:
     """``<recipe>-<params that differ from the recipe's defaults>``, e.g. ``wrn-epochs10-depth16-width4``.
 
@@ -75,9 +82,8 @@ def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, resume,
     from cifarflow import config as cfg
     from cifarflow.train import train as run_training
 
-    overrides = cfg.parse_overrides(sets)
-    overrides.update({k: v for k, v in dict(data=data, epochs=epochs, limit=limit, seed=seed,
-                                            skip_corrupt=skip_corrupt, resize=resize).items() if v is not None})
+    overrides = _overrides(sets, data=data, epochs=epochs, limit=limit, seed=seed,
+                           skip_corrupt=skip_corrupt, resize=resize)
     config = cfg.resolve(recipe, overrides)
     result = run_training(config, quiet=quiet, run_name=run_name(config, recipe), resume=resume)
     m = result.metrics
@@ -113,8 +119,7 @@ def tune(recipe, study_name, trials, storage, space_path, timeout, n_jobs, heart
     from cifarflow import config as cfg
     from cifarflow import tuning
 
-    overrides = cfg.parse_overrides(sets)
-    overrides.update({k: v for k, v in dict(data=data, epochs=epochs, limit=limit, seed=seed).items() if v is not None})
+    overrides = _overrides(sets, data=data, epochs=epochs, limit=limit, seed=seed)
     study = tuning.tune(recipe, study_name, trials, overrides=overrides, storage=storage, space_path=space_path,
                         timeout=timeout, n_jobs=n_jobs, quiet=quiet, heartbeat=heartbeat, metric=metric,
                         retrain_best=retrain_best)

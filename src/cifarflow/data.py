@@ -309,14 +309,19 @@ def _load_keras_download() -> Dataset:
                       "source": str(cached) if cached else "cifar10"})
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _fingerprint(path: Path) -> str:
     """Cheap identity of a source: sha256 of an archive, or a folder's file stats."""
     if path.is_file():
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return "file:" + h.hexdigest()
+        return "file:" + sha256_file(path)
     h = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()

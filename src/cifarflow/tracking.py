@@ -180,7 +180,6 @@ class EpochLogger(keras.callbacks.Callback):
 
     ``images_per_second`` counts training images over the training part of the
     epoch (validation excluded); ``epoch_seconds`` is the whole epoch.
-    ``history`` keeps the same values in memory for the curves.
 
     Args:
         train_images: images in one training epoch.
@@ -189,7 +188,6 @@ class EpochLogger(keras.callbacks.Callback):
     def __init__(self, train_images: int) -> None:
         super().__init__()
         self.train_images = train_images
-        self.history: dict[str, list[float]] = {k: [] for k in EPOCH_METRICS}
         self._start = self._train_end = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -214,10 +212,7 @@ class EpochLogger(keras.callbacks.Callback):
             "epoch_seconds": end - self._start,
             "images_per_second": self.train_images / max(train_seconds, 1e-9),
         }
-        metrics = {k: float(v) for k, v in metrics.items() if v is not None}
-        for k, v in metrics.items():
-            self.history[k].append(v)
-        mlflow.log_metrics(metrics, step=epoch)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=epoch)
 
 
 def log_keras_model(model: keras.Model, x_example: np.ndarray, name: str = "model"):

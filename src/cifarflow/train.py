@@ -230,7 +230,7 @@ def _log_backbone_weights(model: keras.Model, run_id: str) -> None:
         transfer.backbone_of(model).save_weights(str(path))
         mlflow.log_artifact(str(path))
         mlflow.set_tags({"cifarflow.backbone_weights": f"runs:/{run_id}/backbone.weights.h5",
-                         "cifarflow.backbone_weights_sha256": transfer.sha256_file(path)})
+                         "cifarflow.backbone_weights_sha256": data.sha256_file(path)})
 
 
 def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: str | None, in_active_run: bool,

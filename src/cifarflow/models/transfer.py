@@ -23,6 +23,7 @@ import numpy as np
 import pydantic
 from keras import layers
 
+from cifarflow import data
 from cifarflow.errors import CifarflowError
 
 # backbone -> (Keras application, scale, offset of its preprocess_input as a Rescaling layer, or None
@@ -83,14 +84,6 @@ def weights_file(weights: str) -> Path:
     if path.suffix != ".h5":
         raise CifarflowError(f"weights file {path} is not .h5 or .weights.h5", "save the backbone with save_weights()")
     return path
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_weights(model: keras.Model) -> str:
@@ -334,7 +327,7 @@ def weights_tags(weights: str | None, model: keras.Model) -> dict[str, str]:
     kind = _weights_kind(weights)
     tags = {"cifarflow.weights_source": "none" if kind == "none" else str(weights)}
     if kind == "path":
-        tags["cifarflow.weights_sha256"] = sha256_file(weights_file(str(weights)))
+        tags["cifarflow.weights_sha256"] = data.sha256_file(weights_file(str(weights)))
     elif kind == "imagenet":
         tags["cifarflow.weights_sha256"] = "arrays:" + sha256_weights(backbone_of(model))
     return tags
