@@ -1,9 +1,17 @@
-"""Shared fixtures: isolated MLflow/caches per test and tiny generated datasets in both layouts."""
+"""Shared fixtures: isolated MLflow/caches per test, tiny generated datasets in both layouts, a server helper."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +132,57 @@ def trained(trained_store, tmp_path):
     root, result = trained_store
     shutil.copyfile(root / "mlflow.db", tmp_path / "mlflow.db")
     return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(args: list[str], log_path: Path, ready: str, timeout: float = 240):
+    """Run ``mlflow <args> -h 127.0.0.1 -p PORT`` until ``GET <ready>`` answers 200; yields the base URL.
+
+    The server runs in its own session and is stopped (with its workers) on exit.
+    """
+    port = free_port()
+    mlflow_exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([mlflow_exe, *args, "-h", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}{ready}", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"server did not come up in {timeout:.0f} s"
+            time.sleep(1)
+        yield base
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
+
+
+def post(url: str, body: bytes, timeout: float = 60) -> tuple[int, bytes]:
+    """POST a JSON body; ``(status, body)``, also for 4xx/5xx answers."""
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()

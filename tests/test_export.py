@@ -3,15 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -22,6 +14,7 @@ from mlflow import MlflowClient
 from cifarflow import data, export, registry
 from cifarflow.cli import main
 from cifarflow.errors import CifarflowError
+from conftest import post, serving
 
 NAME = "cifarflow-cnn"
 
@@ -112,66 +105,20 @@ def test_export_refuses_other_test_data(champion, folder_data):
         export.export(f"{NAME}@champion", ["onnx"], data=str(folder_data))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: bytes, timeout: float = 60) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_raw_pixels(champion, tmp_path):
     """A real `mlflow models serve` of models:/cifarflow-cnn@champion on 127.0.0.1, fed JSON raw pixels."""
     x = data.load(MlflowClient().get_run(champion.run_id).data.params["data_source"]).x_test
     ref = keras_probs(champion.model_uri, x)
-    port = _free_port()
-    mlflow_exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen(
-        [mlflow_exe, "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up in 240 s"
-            time.sleep(1)
-
-        status, body = _post(f"{base}/invocations", json.dumps({"inputs": x.tolist()}).encode())  # uint8 ints
+    with serving(["models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local"],
+                 tmp_path / "serve.log", "/ping") as base:
+        status, body = post(f"{base}/invocations", json.dumps({"inputs": x.tolist()}).encode())  # uint8 ints
         assert status == 200, body
         probs = np.array(json.loads(body)["predictions"])
         assert probs.shape == (18, 3) and np.abs(probs - ref).max() < 1e-5
 
         for bad in (json.dumps({"inputs": [[1, 2, 3]]}).encode(), b"not json", b'{"pixels": []}'):
-            status, body = _post(f"{base}/invocations", bad)
+            status, body = post(f"{base}/invocations", bad)
             assert 400 <= status < 500, (status, body)
-        assert proc.poll() is None
-        status, body = _post(f"{base}/invocations", json.dumps({"inputs": x[:2].tolist()}).encode())
+        status, body = post(f"{base}/invocations", json.dumps({"inputs": x[:2].tolist()}).encode())
         assert status == 200 and np.array(json.loads(body)["predictions"]).argmax(1).tolist() == ref[:2].argmax(1).tolist()
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn workers: its own session
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()

@@ -1,4 +1,4 @@
-"""Command line: `cifarflow train`, `data info`, `register`, `promote`, `export`, `pull`, with one-line errors for fixable problems."""
+"""Command line: `cifarflow train`, `tune`, `evaluate`, `compare`, `ensemble`, `data info`, `register`, `promote`, `export`, `pull`, with one-line errors for fixable problems."""
 
 from __future__ import annotations
 
@@ -165,6 +165,30 @@ def compare_command(experiments, metric, out, latency) -> None:
     click.echo(f"comparison run {run_id}; files in {out}/")
 
 
+@cli.command("ensemble")
+@click.argument("model_refs", nargs=-1, required=True, metavar="MODEL_URI...")
+@click.option("--method", type=click.Choice(["soft", "hard"]), default="soft", show_default=True,
+              help="soft: average the probabilities; hard: majority vote of the top classes.")
+@click.option("--weights", multiple=True, metavar="W[,W...]", help="One weight per model (default equal): --weights 2,1.")
+@click.option("--data", default=None, help="The models' data at another path (checked by sha256).")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="Also score the average of each image and its mirror.")
+@click.option("--fgsm-images", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Size of the fixed test subset for FGSM robustness.")
+def ensemble_command(model_refs, method, weights, data, tta, fgsm_images) -> None:
+    """Vote MODEL_URI... (models:/..., runs:/RUN_ID or run ids); score and log the ensemble as a pyfunc model."""
+    _import_tensorflow_quietly()
+    from cifarflow import ensemble, evaluate
+
+    result = ensemble.ensemble(list(model_refs), method, ensemble.parse_weights(weights, len(model_refs)),
+                               data=data, tta=tta, fgsm_images=fgsm_images)
+    click.echo(evaluate.format_table(result.metrics), nl=False)
+    for name, acc in result.member_accuracy.items():
+        click.echo(f"member {name}: test_accuracy={acc:.4f}")
+    click.echo(f"ensemble {method}: test_accuracy={result.metrics['test_accuracy']:.4f}; "
+               f"run {result.run_id}, model {result.model_uri}")
+
+
 @cli.group()
 def data() -> None:
     """Inspect data sources."""
@@ -267,7 +291,8 @@ def export_command(model_uri, fmt, quantize, out, data) -> None:
 
 @cli.command()
 @click.argument("model")
-@click.option("--format", "fmt", type=click.Choice(["keras", "onnx", "tflite"]), default="keras", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["keras", "mlflow", "onnx", "tflite"]), default="keras",
+              show_default=True, help="keras: model.keras; mlflow: the MLflow model folder (any flavor, e.g. an ensemble).")
 @click.option("--quantize", type=click.Choice(["none", "float16", "dynamic", "int8"]), default="none",
               show_default=True, help="Which TFLite file.")
 @click.option("--dest", type=click.Path(file_okay=False), required=True, help="Output folder.")

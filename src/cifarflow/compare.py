@@ -36,17 +36,21 @@ def _model_mb(model_uri: str) -> float | None:
 
 
 def _latency_ms(model_uri: str, repeats: int = 50) -> float:
-    """Median batch-1 prediction time of the Keras model, in ms (a compiled call, after warm-up)."""
+    """Median batch-1 prediction time in ms, after warm-up: a Keras model called directly, a pyfunc model's predict."""
     from cifarflow import registry
 
-    model = registry.load_keras(model_uri)
+    try:
+        keras_model = registry.load_keras(model_uri)
+        predict = lambda x: np.asarray(keras_model(x, training=False))  # noqa: E731
+    except CifarflowError:  # a pyfunc model (an ensemble): its own predict
+        predict = mlflow.pyfunc.load_model(model_uri).predict
     x = np.zeros((1, 32, 32, 3), np.float32)
     for _ in range(5):
-        model(x, training=False)
+        predict(x)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        np.asarray(model(x, training=False))
+        predict(x)
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -36,6 +38,75 @@ def resolve_model(ref: str) -> tuple[str, str]:
     return version.uri, version.run_id
 
 
+@dataclass
+class Scored:
+    """What :func:`score` computed: the metrics and what the artifacts are drawn from."""
+
+    metrics: dict[str, float]
+    probs: np.ndarray  # (N, C) float32 test probabilities
+    confusion_matrix: np.ndarray  # (C, C) int, rows true
+    report: dict  # scikit-learn's classification_report(output_dict=True)
+    bins: list  # reliability bins, see evaluation.reliability_bins
+
+
+def score(ds, predict: Callable[[np.ndarray, str], np.ndarray],
+          attack: Callable[[np.ndarray, np.ndarray, float], np.ndarray], *, tta: str = "none",
+          fgsm_images: int = 1000, seed: int = 0) -> Scored:
+    """Score a classifier on ``ds``'s test split.
+
+    Args:
+        ds: a ``cifarflow.data.Dataset`` (``x_test`` uint8 (N, 32, 32, 3), ``y_test`` int (N,)).
+        predict: ``predict(images, tta) -> probabilities (N, C)``.
+        attack: ``attack(images, labels, eps) -> adversarial images`` (FGSM, eps in pixel units).
+        tta: ``none``, or ``flip`` to add ``test_accuracy_tta``.
+        fgsm_images: size of the fixed subset (seeded by ``seed``) the FGSM figures use.
+
+    Returns:
+        :class:`Scored`; ``metrics`` as listed in :func:`evaluate`.
+    """
+    probs = predict(ds.x_test, "none")
+    scores = evaluation.classification_metrics(ds.y_test, probs, ds.class_names)
+    bins = evaluation.reliability_bins(ds.y_test, probs)
+    cm, report = scores["confusion_matrix"], scores["report"]
+    metrics = {
+        "test_accuracy": scores["accuracy"], "test_loss": scores["nll"], "nll": scores["nll"],
+        "ece": evaluation.expected_calibration_error(ds.y_test, probs),
+        "macro_precision": report["macro avg"]["precision"], "macro_recall": report["macro avg"]["recall"],
+        "macro_f1": scores["macro_f1"],
+    }
+    per_class = cm.diagonal() / np.maximum(cm.sum(axis=1), 1)
+    metrics.update({f"accuracy_{name}": float(a) for name, a in zip(ds.class_names, per_class)})
+    if tta == "flip":
+        metrics["test_accuracy_tta"] = float((predict(ds.x_test, "flip").argmax(1) == ds.y_test).mean())
+    subset = np.sort(np.random.default_rng(seed).permutation(len(ds.y_test))[:fgsm_images])
+    for eps in FGSM_EPS:
+        adversarial = attack(ds.x_test[subset], ds.y_test[subset], eps)
+        metrics[f"robust_accuracy_fgsm_{eps}"] = float((predict(adversarial, "none").argmax(1) == ds.y_test[subset]).mean())
+    return Scored(metrics, probs, cm, report, bins)
+
+
+def log_scored(scored: Scored, ds) -> None:
+    """Log :func:`score`'s metrics and artifacts to the active MLflow run.
+
+    FGSM figures are logged as ``robust_accuracy_fgsm`` with step = eps (2
+    and 8); artifacts: ``confusion_matrix.png``, ``reliability_diagram.png``,
+    ``misclassified.png``, ``classification_report.json``/``.csv``, ``metrics.md``.
+    """
+    metrics = scored.metrics
+    mlflow.log_metrics({k: v for k, v in metrics.items() if not k.startswith("robust_accuracy_fgsm_")})
+    for eps in FGSM_EPS:
+        mlflow.log_metric("robust_accuracy_fgsm", metrics[f"robust_accuracy_fgsm_{eps}"], step=eps)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        plots.confusion_matrix(scored.confusion_matrix, ds.class_names, out / "confusion_matrix.png")
+        plots.reliability_diagram(scored.bins, metrics["ece"], out / "reliability_diagram.png")
+        plots.misclassified_grid(ds.x_test, ds.y_test, scored.probs, ds.class_names, out / "misclassified.png")
+        (out / "classification_report.json").write_text(json.dumps(scored.report, indent=2))
+        (out / "classification_report.csv").write_text(evaluation.report_csv(scored.report))
+        (out / "metrics.md").write_text(format_table(metrics))
+        mlflow.log_artifacts(tmp)
+
+
 def evaluate(ref: str, *, data: str | None = None, tta: str = "none", fgsm_images: int = 1000,
              batch_size: int = 256, seed: int = 0) -> tuple[str, dict[str, float]]:
     """Evaluate a model on the test split of the data it was trained on and log an MLflow run.
@@ -45,10 +116,10 @@ def evaluate(ref: str, *, data: str | None = None, tta: str = "none", fgsm_image
     (15 bins), ``accuracy_<class>`` per class, ``test_accuracy_tta`` with
     ``tta="flip"``, and ``robust_accuracy_fgsm`` at eps 2/255 and 8/255
     (logged with step 2 and 8) on a fixed seeded subset of ``fgsm_images``
-    test images. Artifacts: confusion matrix, reliability diagram, the most
-    confident mistakes, the per-class report (JSON and CSV) and
-    ``metrics.md``. The run (experiment ``cifarflow/evaluation``) is tagged
-    ``cifarflow.source_run_id`` and ``cifarflow.model_uri``.
+    test images. Artifacts: see :func:`log_scored`. The run (experiment
+    ``cifarflow/evaluation``) is tagged ``cifarflow.source_run_id`` and
+    ``cifarflow.model_uri``. A voting ensemble (a run of `cifarflow
+    ensemble`) is scored through its members, as :func:`cifarflow.ensemble.ensemble` does.
 
     Returns:
         ``(evaluation_run_id, metrics)``; FGSM figures under
@@ -63,51 +134,27 @@ def evaluate(ref: str, *, data: str | None = None, tta: str = "none", fgsm_image
     tracking.configure()
     model_uri, run_id = resolve_model(ref)
     source = mlflow.tracking.MlflowClient().get_run(run_id)
-    ds = registry.run_test_data(source, data)
-    model = registry.load_keras(model_uri)
+    if source.data.tags.get("cifarflow.recipe") == "ensemble":
+        from cifarflow import ensemble
 
-    probs = evaluation.predict(model, ds.x_test, batch_size=batch_size)
-    scores = evaluation.classification_metrics(ds.y_test, probs, ds.class_names)
-    bins = evaluation.reliability_bins(ds.y_test, probs)
-    ece = evaluation.expected_calibration_error(ds.y_test, probs)
-    cm = scores["confusion_matrix"]
-    report = scores["report"]
-    metrics = {
-        "test_accuracy": scores["accuracy"], "test_loss": scores["nll"], "nll": scores["nll"], "ece": ece,
-        "macro_precision": report["macro avg"]["precision"], "macro_recall": report["macro avg"]["recall"],
-        "macro_f1": scores["macro_f1"],
-    }
-    per_class = cm.diagonal() / np.maximum(cm.sum(axis=1), 1)
-    metrics.update({f"accuracy_{name}": float(a) for name, a in zip(ds.class_names, per_class)})
-    if tta == "flip":
-        tta_probs = evaluation.predict(model, ds.x_test, tta="flip", batch_size=batch_size)
-        metrics["test_accuracy_tta"] = float((tta_probs.argmax(1) == ds.y_test).mean())
-    subset = np.sort(np.random.default_rng(seed).permutation(len(ds.y_test))[:fgsm_images])
-    for eps in FGSM_EPS:
-        adversarial = evaluation.fgsm(model, ds.x_test[subset], ds.y_test[subset], eps)
-        adv_probs = evaluation.predict(model, adversarial, batch_size=batch_size)
-        metrics[f"robust_accuracy_fgsm_{eps}"] = float((adv_probs.argmax(1) == ds.y_test[subset]).mean())
+        ds, predict, attack = ensemble.scorer(source.data.params["members"].split(","), source.data.params["method"],
+                                              json.loads(source.data.params["weights"]), data, batch_size)
+    else:
+        ds = registry.run_test_data(source, data)
+        model = registry.load_keras(model_uri)
+        predict = lambda x, mode: evaluation.predict(model, x, tta=mode, batch_size=batch_size)  # noqa: E731
+        attack = lambda x, y, eps: evaluation.fgsm(model, x, y, eps)  # noqa: E731
+    scored = score(ds, predict, attack, tta=tta, fgsm_images=fgsm_images, seed=seed)
 
     mlflow.set_experiment(EXPERIMENT)
     with mlflow.start_run(run_name=f"evaluate-{source.info.run_name}") as run:
         mlflow.set_tags({"cifarflow.source_run_id": run_id, "cifarflow.model_uri": model_uri,
                          "cifarflow.dataset_sha256": ds.checksum,
                          "cifarflow.recipe": source.data.tags.get("cifarflow.recipe", "")})
-        mlflow.log_params({"model": ref, "tta": tta, "fgsm_images": len(subset), "test_images": len(ds.y_test)})
-        mlflow.log_metrics({k: v for k, v in metrics.items() if not k.startswith("robust_accuracy_fgsm_")})
-        for eps in FGSM_EPS:
-            mlflow.log_metric("robust_accuracy_fgsm", metrics[f"robust_accuracy_fgsm_{eps}"], step=eps)
-        table = format_table(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            plots.confusion_matrix(cm, ds.class_names, out / "confusion_matrix.png")
-            plots.reliability_diagram(bins, ece, out / "reliability_diagram.png")
-            plots.misclassified_grid(ds.x_test, ds.y_test, probs, ds.class_names, out / "misclassified.png")
-            (out / "classification_report.json").write_text(json.dumps(report, indent=2))
-            (out / "classification_report.csv").write_text(evaluation.report_csv(report))
-            (out / "metrics.md").write_text(table)
-            mlflow.log_artifacts(tmp)
-    return run.info.run_id, metrics
+        mlflow.log_params({"model": ref, "tta": tta, "fgsm_images": min(fgsm_images, len(ds.y_test)),
+                           "test_images": len(ds.y_test)})
+        log_scored(scored, ds)
+    return run.info.run_id, scored.metrics
 
 
 def format_table(metrics: dict[str, float]) -> str:

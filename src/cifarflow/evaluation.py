@@ -110,7 +110,9 @@ def fgsm(model, x: np.ndarray, y_true: np.ndarray, eps: float, batch_size: int =
     cross-entropy of the true labels as the loss.
 
     Args:
-        model: Keras model, raw 0..255 pixels in, probabilities out.
+        model: Keras model, raw 0..255 pixels in, probabilities out; or any
+            callable ``model(images, training=False)`` built from Keras ops
+            (e.g. a soft-voting ensemble).
         x: images (N, 32, 32, 3), 0..255.
         y_true: int labels (N,).
         eps: step in pixel units (``eps = 8`` is the usual 8/255).
@@ -125,14 +127,14 @@ def fgsm(model, x: np.ndarray, y_true: np.ndarray, eps: float, batch_size: int =
     import keras
 
     backend = keras.backend.backend()
-    num_classes = model.output_shape[-1]
     out = []
     for i in range(0, len(x), batch_size):
         xb = np.asarray(x[i:i + batch_size], dtype=np.float32)
-        yb = keras.ops.one_hot(np.asarray(y_true[i:i + batch_size]), num_classes)
+        yb = np.asarray(y_true[i:i + batch_size])
 
         def loss(images):
-            return keras.ops.sum(keras.losses.categorical_crossentropy(yb, model(images, training=False)))
+            probs = model(images, training=False)
+            return keras.ops.sum(keras.losses.categorical_crossentropy(keras.ops.one_hot(yb, probs.shape[-1]), probs))
 
         if backend == "tensorflow":
             import tensorflow as tf

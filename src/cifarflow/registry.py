@@ -365,9 +365,19 @@ def load_keras(model_uri: str):
 
     Returns:
         The ``keras.Model`` (raw 0..255 pixels in, softmax out).
+
+    Raises:
+        CifarflowError: the model has no Keras flavor (e.g. a `cifarflow ensemble` pyfunc model).
     """
     with tempfile.TemporaryDirectory() as tmp:
-        return mlflow.keras.load_model(model_uri, dst_path=tmp)
+        try:
+            return mlflow.keras.load_model(model_uri, dst_path=tmp)
+        except (MlflowException, KeyError) as exc:  # MLflow 3.17 raises KeyError('keras') for another flavor
+            if isinstance(exc, MlflowException) and "flavor" not in str(exc):
+                raise
+            raise CifarflowError(f"{model_uri} is not a Keras model (a pyfunc model such as an ensemble)",
+                                 "serve it with `mlflow models serve -m URI`, load it with mlflow.pyfunc.load_model, "
+                                 "or pull it with --format mlflow") from None
 
 
 def run_test_data(run, data: str | None = None):
@@ -448,7 +458,9 @@ def pull(ref: str, fmt: str, dest: Path, quantize: str = "none") -> Path:
 
     Args:
         ref: ``NAME@ALIAS``, ``NAME/VERSION`` or ``NAME`` (its champion).
-        fmt: ``keras`` (the logged model saved as ``model.keras``), ``onnx`` or
+        fmt: ``keras`` (the logged model saved as ``model.keras``), ``mlflow``
+            (the MLflow model folder ``model/``, any flavor: ``mlflow models
+            serve -m`` it, or load it with ``mlflow.pyfunc.load_model``), ``onnx`` or
             ``tflite`` (the files made by ``cifarflow export`` for this version).
         dest: output folder (created).
         quantize: which TFLite variant (``none``, ``float16``, ``dynamic``, ``int8``).
@@ -468,6 +480,12 @@ def pull(ref: str, fmt: str, dest: Path, quantize: str = "none") -> Path:
         model = load_keras(version.uri)
         target = dest / "model.keras"
         model.save(target)
+    elif fmt == "mlflow":
+        target = dest / "model"
+        if target.exists():
+            shutil.rmtree(target)
+        with tempfile.TemporaryDirectory() as tmp:  # a private copy, see load_keras
+            shutil.copytree(mlflow.artifacts.download_artifacts(version.uri, dst_path=tmp), target)
     else:
         from cifarflow.export import artifact_name, kind_of
 
