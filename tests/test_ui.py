@@ -27,7 +27,7 @@ pytestmark = [
 @pytest.fixture
 def browser(tmp_path):
     """Headless Debian Chromium through its own chromedriver (no browser download), as root-safe flags allow."""
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()

@@ -6,6 +6,7 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is imported: no C++ log noise
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # model loads are not downloads to watch
 
 import click  # noqa: E402
 
@@ -303,7 +304,6 @@ def pull(model, fmt, quantize, dest) -> None:
 
     from cifarflow import registry
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     path = registry.pull(model, fmt, Path(dest), quantize=quantize)
     click.echo(f"{path} and {Path(dest) / 'model_card.json'}")
 
