@@ -7,6 +7,7 @@ import yaml
 
 from cifarflow import config
 from cifarflow.errors import CifarflowError
+from conftest import REPO
 
 
 def test_recipes_resolve_with_typed_model_params():
@@ -80,3 +81,14 @@ def test_override_syntax():
     with pytest.raises(CifarflowError, match="write it as key=value"):
         config.parse_overrides(["epochs"])
     assert config.parse_overrides(["a=0.5", "b=true", "c=x=y"]) == {"a": 0.5, "b": True, "c": "x=y"}
+
+
+def test_epochs_null_keeps_the_recipes_epochs():
+    """What the `tune` entry point passes by default: fine for one-phase and two-phase recipes alike."""
+    assert config.resolve("cnn_small", {"epochs": None}).epochs == config.resolve("cnn_small").epochs == 30
+    two_phase = config.resolve("mobilenetv2", {"epochs": None, "head_epochs": 1, "fine_tune_epochs": 2})
+    assert two_phase.epochs == 3
+    with pytest.raises(CifarflowError, match="head_epochs \\+ fine_tune_epochs"):
+        config.resolve("mobilenetv2", {"epochs": 10})  # why the entry point no longer passes --epochs
+    mlproject = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["tune"]
+    assert mlproject["parameters"]["epochs"]["default"] == "null" and "--set epochs={epochs}" in mlproject["command"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import mlflow
 import numpy as np
@@ -146,13 +147,21 @@ def test_ensemble_command_scores_and_logs_a_pyfunc_model(members, capsys):
 
 
 @pytest.mark.slow
-def test_hard_voting_ensemble_is_served_by_mlflow(members, tmp_path):
+def test_hard_voting_ensemble_is_served_by_mlflow(members, tmp_path, caplog):
     root, (r1, r2) = members
     from cifarflow import data
     from cifarflow.ensemble import ensemble
 
     x = data.load(str(root / "train_data")).x_test
-    result = ensemble([r1.run_id, r2.run_id], "hard", fgsm_images=3)
+    mlflow_log = logging.getLogger("mlflow")  # it does not propagate to the root logger caplog listens on
+    mlflow_log.addHandler(caplog.handler)
+    try:
+        result = ensemble([r1.run_id, r2.run_id], "hard", fgsm_images=3)
+    finally:
+        mlflow_log.removeHandler(caplog.handler)
+    # MLflow logs the model config as params too: equal weights must read alike in both
+    assert json.loads(MlflowClient().get_run(result.run_id).data.params["weights"]) == [1.0, 1.0]
+    assert "Failed to log model config" not in caplog.text
     expected = voting.combine(member_probs([r1, r2], x), "hard")
     with serving(["models", "serve", "-m", result.model_uri, "--env-manager", "local"], tmp_path / "serve.log",
                  "/ping") as base:

@@ -215,7 +215,9 @@ def resolve(recipe: str, overrides: dict[str, Any] | None = None) -> TrainConfig
 
     An override key is a training setting (``epochs``, ``learning_rate``...),
     a model parameter (``width``, ``dropout``...; also ``model.width``); ``None``
-    (``null``) sets a setting to None, e.g. ``limit=null`` for all images.
+    (``null``) sets a setting to None, e.g. ``limit=null`` for all images,
+    except ``epochs=null``, which keeps the recipe's epochs (what the ``tune``
+    entry point passes unless ``-P epochs=N`` is given).
 
     Raises:
         CifarflowError: unknown recipe, unknown key, or a bad value.
@@ -227,6 +229,8 @@ def resolve(recipe: str, overrides: dict[str, Any] | None = None) -> TrainConfig
     settable = models.parameters(model_name)
     for key, value in (overrides or {}).items():
         bare = key.removeprefix("model.")
+        if key == "epochs" and value is None:
+            continue  # epochs=null: the recipe's epochs (head_epochs + fine_tune_epochs in a two-phase recipe)
         if key.startswith("model.") or (bare in settable and bare not in TrainConfig.model_fields):
             model_params[bare] = value
         elif key in TrainConfig.model_fields and key not in ("model", "model_params", "recipe"):

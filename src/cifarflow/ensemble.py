@@ -162,6 +162,7 @@ def log_pyfunc(models: Sequence, method: str, weights: Sequence[float] | None, x
         return mlflow.pyfunc.log_model(
             name=name, python_model=voting.__file__, artifacts=artifacts,
             model_config={"method": method, "weights": None if weights is None else [float(w) for w in weights]},
+            # MLflow also logs the config as run params: `weights` must read as ensemble() logged it
             signature=infer_signature(np.asarray(x_example, np.float32), probs_example),
             input_example=np.asarray(x_example[:1], np.float32),  # the pyfunc flavor takes one (unlike keras, #16183)
             pip_requirements=_requirements(),
@@ -186,7 +187,7 @@ def ensemble(refs: Sequence[str], method: str = "soft", weights: Sequence[float]
     Args:
         refs: two or more model references (see :func:`load_members`).
         method: ``soft`` or ``hard``.
-        weights: one per member (equal when None).
+        weights: one per member (equal when None; logged as the param ``weights``).
         data, tta, fgsm_images, seed, batch_size: as for :func:`cifarflow.evaluate.evaluate`.
 
     Raises:
@@ -199,7 +200,7 @@ def ensemble(refs: Sequence[str], method: str = "soft", weights: Sequence[float]
         raise CifarflowError(f"unknown voting method '{method}'", "use --method soft or --method hard")
     if tta not in ("none", "flip"):
         raise CifarflowError(f"unknown tta '{tta}'", "use --tta none or --tta flip")
-    weights = parse_weights([",".join(str(w) for w in weights)] if weights else None, len(refs))
+    weights = parse_weights([",".join(str(w) for w in weights)] if weights else None, len(refs)) or [1.0] * len(refs)
     ds, members = load_members(refs, data)
     models = [m.model for m in members]
     predict, attack = voting_functions(models, method, weights, batch_size)
@@ -215,7 +216,7 @@ def ensemble(refs: Sequence[str], method: str = "soft", weights: Sequence[float]
         mlflow.set_tags({**tracking.run_tags("ensemble", ds.checksum),
                          "cifarflow.members": ",".join(m.run.info.run_id for m in members)})
         mlflow.log_params({
-            "model": "ensemble", "method": method, "weights": json.dumps(weights),
+            "model": "ensemble", "method": method, "weights": str(weights),  # = json.dumps of a float list
             "members": ",".join(m.model_uri for m in members), "member_refs": ",".join(refs)[:6000],
             "data_source": first.get("data_source", first.get("data", "cifar10")),
             **{k: first[k] for k in ("skip_corrupt", "resize", "classes") if k in first},
