@@ -140,6 +140,11 @@ def test_ensemble_command_scores_and_logs_a_pyfunc_model(members, capsys):
     main(["pull", "cifarflow-ensemble@challenger", "--format", "mlflow", "--dest", "deploy"])
     pulled = mlflow.pyfunc.load_model("deploy/model")
     np.testing.assert_allclose(pulled.predict(x[:3].astype(np.float32)), expected[:3], atol=1e-5)
+    from cifarflow import compare  # compared like any run, its batch-1 latency through pyfunc
+
+    row = compare.collect(["cifarflow/ensemble"], latency=True)[0]
+    assert row["run_id"] == run.info.run_id and row["params"] == m["params"] and row["latency_ms"] > 0
+    assert row["ece"] == pytest.approx(ev.data.metrics["ece"]) and row["model_mb"] > 0
     with pytest.raises(SystemExit) as e:  # not a Keras model: no ONNX/TFLite export
         main(["export", "cifarflow-ensemble@challenger", "--format", "onnx"])
     err = capsys.readouterr().err

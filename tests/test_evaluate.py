@@ -22,6 +22,26 @@ def test_ece_on_a_hand_computed_case():
     assert bins[9] == (pytest.approx(0.62), 0.0, 1)  # 0.62 lies in (9/15, 10/15]
 
 
+def test_classification_metrics_on_a_hand_computed_case():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.array([[0.8, 0.1, 0.1],   # 0 -> 0
+                      [0.3, 0.6, 0.1],   # 0 -> 1
+                      [0.2, 0.7, 0.1],   # 1 -> 1
+                      [0.1, 0.5, 0.4],   # 1 -> 1
+                      [0.5, 0.0, 0.5],   # 2 -> 0 (tie: the lower index, as argmax)
+                      [0.1, 0.1, 0.8]])  # 2 -> 2
+    m = evaluation.classification_metrics(y, probs, ["a", "b", "c"])
+    np.testing.assert_array_equal(m["confusion_matrix"], [[1, 1, 0], [0, 2, 0], [1, 0, 1]])  # rows true
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["nll"] == pytest.approx(-np.log([0.8, 0.3, 0.7, 0.5, 0.5, 0.8]).mean())
+    # precision a 1/2, b 2/3, c 1/1; recall a 1/2, b 2/2, c 1/2
+    f1 = [2 * p * r / (p + r) for p, r in ((1 / 2, 1 / 2), (2 / 3, 1.0), (1.0, 1 / 2))]
+    assert m["macro_f1"] == pytest.approx(np.mean(f1))
+    assert m["report"]["b"]["precision"] == pytest.approx(2 / 3) and m["report"]["c"]["recall"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="do not match"):
+        evaluation.classification_metrics(y, probs[:, :2], ["a", "b", "c"])
+
+
 def test_ece_is_zero_when_confidence_matches_accuracy():
     probs = np.array([[0.75, 0.25]] * 4)
     y = np.array([0, 0, 0, 1])  # 75% right at confidence 0.75

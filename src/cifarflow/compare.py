@@ -68,8 +68,8 @@ def collect(experiments: list[str] | None = None, metric: str = "test_accuracy",
     Returns:
         Rows with the :data:`COLUMNS` keys (None where a run lacks a figure),
         best first; tuning trials are left out. ``train_val_gap`` is last ``train_accuracy`` minus last
-        ``val_accuracy``; ``ece`` comes from the newest ``cifarflow evaluate``
-        run of the model, if any; ``images_per_second`` is the median over epochs.
+        ``val_accuracy``; ``ece`` is the run's own (an ensemble's), else that of the
+        newest ``cifarflow evaluate`` run of the model, if any; ``images_per_second`` is the median over epochs.
 
     Raises:
         CifarflowError: an unknown experiment, or no run to compare.
@@ -107,7 +107,7 @@ def collect(experiments: list[str] | None = None, metric: str = "test_accuracy",
             "trainable_params": m.get("trainable_params"), "test_accuracy": m.get("test_accuracy"),
             "test_accuracy_tta": m.get("test_accuracy_tta"),
             "train_val_gap": train_acc - val_acc if train_acc is not None and val_acc is not None else None,
-            "ece": evaluations.get(run.info.run_id, {}).get("ece"), "train_seconds": m.get("train_seconds"),
+            "ece": m.get("ece", evaluations.get(run.info.run_id, {}).get("ece")), "train_seconds": m.get("train_seconds"),
             "images_per_second": statistics.median(ips) if ips else None,
             "model_mb": _model_mb(uri) if uri else None,
             "latency_ms": _latency_ms(uri) if latency and uri else None, "run_id": run.info.run_id,
