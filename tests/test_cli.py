@@ -55,6 +55,16 @@ def test_run_name_shows_only_params_that_differ_from_the_recipe():
     cfg = config.resolve("wrn", {"depth": 16, "width": 4, "data": "/x/y", "epochs": 10, "learning_rate": 0.1})
     assert run_name(cfg, "wrn") == "wrn-epochs10-depth16-width4"
     assert run_name(config.resolve("cnn_small"), "cnn_small") == "cnn_small"
+    transfer = config.resolve("mobilenetv2", {"weights": "/tmp/src/backbone.weights.h5", "alpha": 0.35})
+    assert run_name(transfer, "mobilenetv2") == "mobilenetv2-weightsbackbone-alpha0.35"
+
+
+def test_plot_labels_are_cut_in_the_middle():
+    from cifarflow.plots import short_label
+
+    assert short_label("resnet20-epochs15") == "resnet20-epochs15"
+    cut = short_label("mobilenetv2-epochs10-head_epochs1-fine_tune_epochs9-resolution96-alpha0.35")
+    assert len(cut) == 36 and cut.startswith("mobilenetv2-epoch") and cut.endswith("alpha0.35") and "…" in cut
 
 
 @pytest.mark.slow

@@ -47,14 +47,19 @@ def _overrides(sets, **options) -> dict:
 def run_name(config, recipe: str) -> str:
     """``<recipe>-<params that differ from the recipe's defaults>``, e.g. ``wrn-epochs10-depth16-width4``.
 
-    ``data`` and ``seed`` are left out; ``mlflow run`` passes every parameter
-    explicitly, so only values that differ from the recipe file count.
+    ``data`` and ``seed`` are left out, a path value is shortened to its file
+    name's stem (``weights=/x/backbone.weights.h5`` -> ``weightsbackbone``);
+    ``mlflow run`` passes every parameter explicitly, so only values that
+    differ from the recipe file count.
     """
     from cifarflow import config as cfg
 
+    from pathlib import PurePath
+
     defaults = cfg.resolve(recipe).params()
+    short = lambda v: PurePath(v).name.split(".")[0] if isinstance(v, str) and "/" in v else str(v)  # noqa: E731
     parts = [config.recipe] + [
-        f"{k}{str(v).replace('/', '_')[:16]}" for k, v in config.params().items()
+        f"{k}{short(v)[:16]}" for k, v in config.params().items()
         if k not in ("data", "seed") and defaults.get(k) != v
     ]
     return "-".join(parts)

@@ -111,13 +111,22 @@ def reliability_diagram(bins: list[tuple[float, float, int]], ece: float, path: 
     return path
 
 
+def short_label(text: str, width: int = 36) -> str:
+    """``text`` cut in the middle to at most ``width`` characters (``abc…xyz``), so run names fit beside a plot."""
+    text = str(text)
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+
+
 def scatter(x, y, labels, xlabel: str, ylabel: str, path: Path, log_x: bool = False) -> Path:
     """Labelled points (None values skipped), saved to ``path``."""
     fig, ax = plt.subplots(figsize=(7, 5))
     for xi, yi, label in zip(x, y, labels):
         if xi is not None and yi is not None:
             ax.scatter(xi, yi)
-            ax.annotate(str(label), (xi, yi), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(short_label(label), (xi, yi), fontsize=7, xytext=(4, 4), textcoords="offset points")
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -131,10 +140,10 @@ def scatter(x, y, labels, xlabel: str, ylabel: str, path: Path, log_x: bool = Fa
 
 def heatmap(values: np.ndarray, rows, columns, title: str, path: Path) -> Path:
     """A (rows x columns) matrix of values in 0..1 with the values written in, saved to ``path``."""
-    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(columns), 1.5 + 0.45 * len(rows)))
+    fig, ax = plt.subplots(figsize=(3.5 + 0.7 * len(columns), 1.8 + 0.4 * len(rows)))
     im = ax.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xticks(range(len(columns)), [short_label(c, 16) for c in columns], rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), [short_label(r) for r in rows], fontsize=7)
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6,
