@@ -138,7 +138,7 @@ def _requirements() -> list[str]:
     return pins
 
 
-def log_pyfunc(models: Sequence, method: str, weights: Sequence[float] | None, x_example: np.ndarray,
+def log_pyfunc(models: Sequence, method: str, weights: Sequence[float], x_example: np.ndarray,
                probs_example: np.ndarray, name: str = "model"):
     """Log the ensemble as an MLflow pyfunc LoggedModel in the active run.
 
@@ -161,7 +161,7 @@ def log_pyfunc(models: Sequence, method: str, weights: Sequence[float] | None, x
             artifacts[f"member_{i}"] = str(path)
         return mlflow.pyfunc.log_model(
             name=name, python_model=voting.__file__, artifacts=artifacts,
-            model_config={"method": method, "weights": None if weights is None else [float(w) for w in weights]},
+            model_config={"method": method, "weights": [float(w) for w in weights]},
             # MLflow also logs the config as run params: `weights` must read as ensemble() logged it
             signature=infer_signature(np.asarray(x_example, np.float32), probs_example),
             input_example=np.asarray(x_example[:1], np.float32),  # the pyfunc flavor takes one (unlike keras, #16183)
@@ -198,17 +198,16 @@ def ensemble(refs: Sequence[str], method: str = "soft", weights: Sequence[float]
         raise CifarflowError(f"an ensemble needs two or more models, got {len(refs)}", "pass several model URIs or run ids")
     if method not in voting.METHODS:
         raise CifarflowError(f"unknown voting method '{method}'", "use --method soft or --method hard")
-    if tta not in ("none", "flip"):
-        raise CifarflowError(f"unknown tta '{tta}'", "use --tta none or --tta flip")
+    evaluate.check_tta(tta)
     weights = parse_weights([",".join(str(w) for w in weights)] if weights else None, len(refs)) or [1.0] * len(refs)
     ds, members = load_members(refs, data)
     models = [m.model for m in members]
     predict, attack = voting_functions(models, method, weights, batch_size)
-    scored = evaluate.score(ds, predict, attack, tta=tta, fgsm_images=fgsm_images, seed=seed)
-    member_accuracy = {m.run.info.run_name: float((evaluation.predict(m.model, ds.x_test, batch_size=batch_size)
-                                                   .argmax(1) == ds.y_test).mean()) for m in members}
+    member_probs = [evaluation.predict(m, ds.x_test, batch_size=batch_size) for m in models]  # once, for both uses
+    scored = evaluate.score(ds, predict, attack, tta=tta, fgsm_images=fgsm_images, seed=seed,
+                            probs=voting.combine(member_probs, method, weights))
+    member_accuracy = {m.run.info.run_name: float((p.argmax(1) == ds.y_test).mean()) for m, p in zip(members, member_probs)}
 
-    tracking.configure()
     mlflow.set_experiment(EXPERIMENT)
     names = "+".join(m.run.info.run_name for m in members)
     first = members[0].run.data.params

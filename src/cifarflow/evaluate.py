@@ -38,6 +38,12 @@ def resolve_model(ref: str) -> tuple[str, str]:
     return version.uri, version.run_id
 
 
+def check_tta(tta: str) -> None:
+    """Raises CifarflowError unless ``tta`` is ``none`` or ``flip``."""
+    if tta not in ("none", "flip"):
+        raise CifarflowError(f"unknown tta '{tta}'", "use --tta none or --tta flip")
+
+
 @dataclass
 class Scored:
     """What :func:`score` computed: the metrics and what the artifacts are drawn from."""
@@ -51,7 +57,7 @@ class Scored:
 
 def score(ds, predict: Callable[[np.ndarray, str], np.ndarray],
           attack: Callable[[np.ndarray, np.ndarray, float], np.ndarray], *, tta: str = "none",
-          fgsm_images: int = 1000, seed: int = 0) -> Scored:
+          fgsm_images: int = 1000, seed: int = 0, probs: np.ndarray | None = None) -> Scored:
     """Score a classifier on ``ds``'s test split.
 
     Args:
@@ -60,11 +66,12 @@ def score(ds, predict: Callable[[np.ndarray, str], np.ndarray],
         attack: ``attack(images, labels, eps) -> adversarial images`` (FGSM, eps in pixel units).
         tta: ``none``, or ``flip`` to add ``test_accuracy_tta``.
         fgsm_images: size of the fixed subset (seeded by ``seed``) the FGSM figures use.
+        probs: ``predict(ds.x_test, "none")`` when the caller already has it.
 
     Returns:
         :class:`Scored`; ``metrics`` as listed in :func:`evaluate`.
     """
-    probs = predict(ds.x_test, "none")
+    probs = predict(ds.x_test, "none") if probs is None else probs
     scores = evaluation.classification_metrics(ds.y_test, probs, ds.class_names)
     bins = evaluation.reliability_bins(ds.y_test, probs)
     cm, report = scores["confusion_matrix"], scores["report"]
@@ -129,8 +136,7 @@ def evaluate(ref: str, *, data: str | None = None, tta: str = "none", fgsm_image
         CifarflowError: unknown model reference, other test data than the
             model's, or a ``tta`` other than none/flip.
     """
-    if tta not in ("none", "flip"):
-        raise CifarflowError(f"unknown tta '{tta}'", "use --tta none or --tta flip")
+    check_tta(tta)
     tracking.configure()
     model_uri, run_id = resolve_model(ref)
     source = mlflow.tracking.MlflowClient().get_run(run_id)
