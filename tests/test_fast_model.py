@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cifarflow.models.fast import PartialIdentity, PatchWhitening, build_fast, initialize_from_data, patch_whitening_kernel
+import keras
+
+from cifarflow.models.fast import build_fast, initialize_from_data, patch_whitening_kernel, set_partial_identity
 from cifarflow.models.flops import flops_per_image
 
 
@@ -20,11 +22,11 @@ def correlated_images(n=64, size=12, seed=0):
 
 def test_whitening_init_whitens_its_sample():
     x = correlated_images()
-    layer = PatchWhitening(2, eps=1e-9)
+    layer = keras.layers.Conv2D(24, 2, padding="valid")
     layer.build(x.shape)
     before = np.cov(x[:, :2, :2].reshape(len(x), -1), rowvar=False)
     assert np.abs(before - np.diag(np.diag(before))).max() > 0.1  # patches are correlated to begin with
-    layer.adapt(x)
+    layer.kernel.assign(patch_whitening_kernel(x, 2, eps=1e-9))
     out = np.asarray(layer(x.astype("float32"))).reshape(-1, 24)
     second_moment = out.T @ out / len(out)  # the init whitens the uncentred patch covariance (airbench94 L249)
     half = second_moment[:12, :12]
@@ -47,14 +49,17 @@ def test_initialize_from_data_feeds_the_normalized_pixels():
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (40, 32, 32, 3)).astype(np.float32)
     model = build_fast(widths=(8, 8, 8), mean=[100.0, 110.0, 120.0], std=[50.0, 60.0, 70.0])
-    assert initialize_from_data(model, pixels) == ["whiten"]
+    initialize_from_data(model, pixels)
     normalized = (pixels - np.array([100.0, 110.0, 120.0])) / np.array([50.0, 60.0, 70.0])
     np.testing.assert_allclose(model.get_layer("whiten").kernel.numpy(), patch_whitening_kernel(normalized), rtol=1e-3,
                                atol=1e-4)
 
 
 def test_partial_identity_passes_the_input_through_its_first_channels():
-    kernel = np.asarray(PartialIdentity(seed=1)((3, 3, 4, 6)))
+    conv = keras.layers.Conv2D(6, 3, kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"))
+    conv.build((None, 8, 8, 4))
+    set_partial_identity(conv)
+    kernel = conv.kernel.numpy()
     for o in range(4):
         expected = np.zeros((3, 3, 4))
         expected[1, 1, o] = 1.0
@@ -72,10 +77,11 @@ def test_fast_net_matches_airbench94():
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     bns = [l for l in model.layers if l.__class__.__name__ == "BatchNormalization"]
     assert len(bns) == 6 and all(not b.scale and b.center and b.momentum == 0.6 and b.epsilon == 1e-12 for b in bns)
-    convs = [l for l in model.layers if l.__class__.__name__ == "Conv2D"]
+    convs = [l for l in model.layers if l.__class__.__name__ == "Conv2D" and l.name != "whiten"]
     assert [c.filters for c in convs] == [64, 64, 256, 256, 256, 256] and not any(c.use_bias for c in convs)
     whiten = model.get_layer("whiten")
     assert not whiten.kernel.trainable and whiten.bias.trainable and whiten.kernel.shape == (2, 2, 3, 24)
+    assert whiten.padding == "valid" and model.get_layer("block1_conv1").input.shape[1:] == (31, 31, 24)
     assert model.get_layer("logit_scale").scale == pytest.approx(1 / 9)
     assert not model.get_layer("logits").use_bias
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
@@ -84,8 +90,6 @@ def test_fast_net_matches_airbench94():
 
 
 def test_flops_count_convs_and_dense():
-    import keras
-
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(4, 3, padding="same")(inputs)  # 8*8 positions * 3*3*3*4 MACs
     x = keras.layers.DepthwiseConv2D(3, padding="valid")(x)  # 6*6 * 3*3*4
@@ -93,3 +97,20 @@ def test_flops_count_convs_and_dense():
     outputs = keras.layers.Dense(5)(x)  # 144*5
     model = keras.Model(inputs, outputs)
     assert flops_per_image(model) == 2 * (64 * 108 + 36 * 36 + 144 * 5)
+
+
+def test_saved_fast_model_loads_without_cifarflow(tmp_path):
+    """Only built-in Keras classes: pyfunc serving and export load it with plain Keras."""
+    import subprocess
+    import sys
+
+    model = build_fast(widths=(8, 8, 8))
+    initialize_from_data(model, np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3)))
+    model.save(tmp_path / "m.keras")
+    x = np.full((1, 32, 32, 3), 100.0, np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code = ("import numpy as np, keras; m = keras.saving.load_model('m.keras'); "
+            "print(float(m.predict(np.load('x.npy'), verbose=0).max()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert float(out.stdout.split()[-1]) == pytest.approx(float(model.predict(x, verbose=0).max()), rel=1e-5)

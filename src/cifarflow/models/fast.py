@@ -8,12 +8,12 @@ checked against that script piece by piece:
 - frozen 2x2 patch-whitening first convolution, 24 filters (eigenvectors of the
   patch covariance and their negatives, scaled by ``1/sqrt(eigenvalue + 5e-4)``),
   with a bias, then GELU (L216-220, L230, L242-257; paper: "Frozen patch-whitening
-  initialization"): :class:`PatchWhitening`, initialised by :func:`initialize_from_data`;
+  initialization"): a ``Conv2D`` named ``whiten`` with a frozen kernel, set by :func:`initialize_from_data`;
 - three blocks conv3x3 - maxpool2 - BN - GELU - conv3x3 - BN - GELU of widths
   64/256/256, convs without bias (L179-208, L54-58);
 - the first ``in_channels`` filters of every 3x3 conv initialised to the identity
   (``dirac_``), the others with PyTorch's default init (L183-188; paper: "Identity
-  initialization"): :class:`PartialIdentity`;
+  initialization"): :func:`set_partial_identity`;
 - BatchNorm without a learned scale, epsilon 1e-12, running statistics
   ``0.6 * running + 0.4 * batch`` (L171-177: ``hyp['net']['batchnorm_momentum'] = 0.6``
   is passed to PyTorch as ``momentum=1-0.6``; PyTorch's ``running = (1-m) running + m batch``
@@ -44,32 +44,22 @@ def torch_default_init(seed=None) -> keras.initializers.Initializer:
     return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform", seed=seed)
 
 
-@keras.saving.register_keras_serializable(package="cifarflow")
-class PartialIdentity(keras.initializers.Initializer):
-    """Conv kernel init: identity ("dirac") filters first, PyTorch's default init for the rest.
+def set_partial_identity(conv: layers.Conv2D) -> None:
+    """Make the first ``in`` filters of a built conv layer identity ("dirac") filters.
 
-    For a kernel of shape ``(kh, kw, in, out)`` with ``out >= in``, output filter
-    ``o < in`` is 1 at the centre tap of input channel ``o`` and 0 elsewhere, so the
-    convolution starts by passing its input through on its first ``in`` channels
-    (airbench94 L183-188, ``torch.nn.init.dirac_(w[:w.size(1)])``). The other
-    ``out - in`` filters come from PyTorch's default init (:func:`torch_default_init`).
+    For a kernel ``(kh, kw, in, out)`` with ``out >= in``, output filter ``o < in``
+    becomes 1 at the centre tap of input channel ``o`` and 0 elsewhere, so the
+    convolution starts by passing its input through on its first ``in`` channels;
+    the other filters keep their initial values (airbench94 L183-188,
+    ``torch.nn.init.dirac_(w[:w.size(1)])``). Done on the values, not as an
+    initializer, so that a saved model needs no custom class to load.
     """
-
-    def __init__(self, seed=None):
-        self.seed = seed
-
-    def __call__(self, shape, dtype=None):
-        kh, kw, cin, cout = shape
-        w = torch_default_init(self.seed)(shape, dtype=dtype)
-        n = min(cin, cout)
-        eye = np.zeros(shape, dtype="float32")
-        eye[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1.0
-        keep = np.ones((1, 1, 1, cout), dtype="float32")
-        keep[..., :n] = 0.0
-        return ops.cast(w * keep + eye, dtype or "float32")
-
-    def get_config(self):
-        return {"seed": self.seed}
+    kernel = np.array(conv.kernel.numpy())
+    kh, kw, cin, cout = kernel.shape
+    n = min(cin, cout)
+    kernel[..., :n] = 0.0
+    kernel[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1.0
+    conv.kernel.assign(kernel)
 
 
 def patch_whitening_kernel(x: np.ndarray, kernel_size: int = 2, eps: float = 5e-4) -> np.ndarray:
@@ -104,74 +94,30 @@ def patch_whitening_kernel(x: np.ndarray, kernel_size: int = 2, eps: float = 5e-
     return kernel.reshape(k, k, c, 2 * k * k * c).astype(np.float32)
 
 
-@keras.saving.register_keras_serializable(package="cifarflow")
-class PatchWhitening(layers.Layer):
-    """Frozen patch-whitening convolution with a trainable bias (airbench94 L216-220, L230).
+def initialize_from_data(model: keras.Model, x: np.ndarray, eps: float = 5e-4, batch_size: int = 500) -> None:
+    """Set the frozen kernel of the ``whiten`` layer from sample images (airbench94 L400-403).
 
-    A valid ``kernel_size`` x ``kernel_size`` convolution with ``2 * C * kernel_size**2``
-    output channels whose kernel is not trainable: :meth:`adapt` sets it to
-    :func:`patch_whitening_kernel` of sample inputs. The bias (zeros at first)
-    trains; the recipe may stop it after some epochs (``freeze_after``).
+    The layer's inputs for ``x`` (raw 0..255 pixels, 5,000 training images in
+    airbench94), computed in inference mode, give :func:`patch_whitening_kernel`.
 
-    Input ``(batch, H, W, C)``; output ``(batch, H - k + 1, W - k + 1, 2 C k^2)``.
+    Args:
+        model: a model from :func:`build_fast`.
+        x: images (N, 32, 32, 3), 0..255.
+        eps: added to the eigenvalues.
     """
-
-    adapts_to_data = True  # :func:`initialize_from_data` calls adapt() with this layer's inputs
-
-    def __init__(self, kernel_size: int = 2, eps: float = 5e-4, **kwargs):
-        super().__init__(**kwargs)
-        self.kernel_size = kernel_size
-        self.eps = eps
-
-    def build(self, input_shape):
-        c = input_shape[-1]
-        k = self.kernel_size
-        self.filters = 2 * c * k * k
-        self.kernel = self.add_weight(name="kernel", shape=(k, k, c, self.filters),
-                                      initializer=PartialIdentity(), trainable=False)
-        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
-
-    def call(self, x):
-        y = ops.conv(x, ops.cast(self.kernel, x.dtype), strides=1, padding="valid")
-        return y + ops.cast(self.bias, y.dtype)
-
-    def compute_output_shape(self, input_shape):
-        b, h, w, c = input_shape
-        k = self.kernel_size
-        return (b, None if h is None else h - k + 1, None if w is None else w - k + 1, 2 * c * k * k)
-
-    def adapt(self, x: np.ndarray) -> None:
-        """Set the kernel to the whitening filters of the patches of ``x`` (N, H, W, C)."""
-        self.kernel.assign(patch_whitening_kernel(x, self.kernel_size, self.eps))
-
-    def get_config(self):
-        return {**super().get_config(), "kernel_size": self.kernel_size, "eps": self.eps}
-
-
-def initialize_from_data(model: keras.Model, x: np.ndarray, batch_size: int = 500) -> list[str]:
-    """Data-dependent initialisation: ``adapt`` every layer marked ``adapts_to_data``.
-
-    Each such layer gets the values that reach its input when ``x`` (raw 0..255
-    pixels, e.g. 5,000 training images as in airbench94 L402-403) is fed to the
-    model, computed in inference mode.
-
-    Returns:
-        The names of the layers adapted (empty for models without such layers).
-    """
-    done = []
-    for layer in model.layers:
-        if getattr(layer, "adapts_to_data", False):
-            probe = keras.Model(model.inputs, layer.input)
-            layer.adapt(np.asarray(probe.predict(np.asarray(x, dtype="float32"), batch_size=batch_size, verbose=0)))
-            done.append(layer.name)
-    return done
+    layer = model.get_layer("whiten")
+    probe = keras.Model(model.inputs, layer.input)
+    inputs = np.asarray(probe.predict(np.asarray(x, dtype="float32"), batch_size=batch_size, verbose=0))
+    layer.kernel.assign(patch_whitening_kernel(inputs, layer.kernel_size[0], eps))
 
 
 def _conv_group(x, width: int, momentum: float, epsilon: float, name: str):
     """conv3x3 - maxpool2 - BN - GELU - conv3x3 - BN - GELU (airbench94 L190-208)."""
     for i in (1, 2):
-        x = layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity(),
-                          name=f"{name}_conv{i}")(x)
+        conv = layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_initializer=torch_default_init(),
+                             name=f"{name}_conv{i}")
+        x = conv(x)
+        set_partial_identity(conv)
         if i == 1:
             x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
         x = layers.BatchNormalization(momentum=momentum, epsilon=epsilon, scale=False, name=f"{name}_bn{i}")(x)
@@ -216,7 +162,11 @@ def build_fast(
         raise ValueError(f"bad fast parameters: widths={widths} batchnorm_momentum={batchnorm_momentum} "
                          f"logit_scale={logit_scale}")
     inputs, x = pixel_input(mean=mean, std=std)
-    x = PatchWhitening(whiten_kernel_size, name="whiten")(x)
+    # 2 * 3 * k^2 filters: the eigenvectors of the k x k patch covariance and their negatives (L217-218)
+    whiten = layers.Conv2D(2 * 3 * whiten_kernel_size**2, whiten_kernel_size, padding="valid", use_bias=True,
+                           name="whiten")
+    x = whiten(x)
+    whiten.kernel.trainable = False  # frozen (L230); :func:`initialize_from_data` sets it, the bias trains
     x = layers.Activation("gelu", name="whiten_gelu")(x)
     for i, width in enumerate(widths, start=1):
         x = _conv_group(x, width, batchnorm_momentum, batchnorm_epsilon, f"block{i}")
