@@ -58,19 +58,20 @@ def main(model: str, export_dir: str | None, data: str | None, calls: int, warmu
     import onnxruntime as ort
     import tensorflow as tf
 
-    from cifarflow import data as datamod
-    from cifarflow import export, registry
+    from cifarflow.data import datasets as datamod
+    from cifarflow.deploy import export
+    from cifarflow.tracking import refs
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    ref = registry.resolve_version(model)
+    ref = refs.resolve_version(model)
     folder = Path(export_dir or Path("export") / ref.name / ref.version)
     figures = json.loads((folder / "parity.json").read_text())
     run = mlflow.MlflowClient().get_run(ref.run_id)
     ds = datamod.load(data or run.data.params["data_source"])
     images = [ds.x_test[i:i + 1].astype(np.float32) for i in range(min(calls, len(ds.x_test)))]
 
-    keras_model = registry.load_keras(ref.uri)
+    keras_model = refs.load_keras(ref.uri)
     graph = tf.function(lambda x: keras_model(x, training=False), input_signature=[tf.TensorSpec((1, 32, 32, 3))])
     runtimes = {"keras": lambda x: keras_model(x, training=False).numpy(),
                 "keras_graph": lambda x: graph(x).numpy()}

@@ -2,7 +2,7 @@
 
 Both arms train the same compiled model (the ``cnn_small`` recipe unless
 ``--recipe``) on the same images with the same batch size; arm A uses
-``cifarflow.pipeline.make_dataset`` exactly as the trainer does (uint8 ->
+``cifarflow.data.pipeline.make_dataset`` exactly as the trainer does (uint8 ->
 float, one-hot, shuffle, pad-crop + flip in tf.data, prefetch); arm B feeds
 tensors that were augmented once beforehand and cached in memory, so it
 measures model math alone. Rounds alternate A and B so machine noise hits
@@ -23,7 +23,7 @@ import click  # noqa: E402
 
 
 @click.command()
-@click.option("--data", default="cifar10", show_default=True, help="Data source (see cifarflow.data.load).")
+@click.option("--data", default="cifar10", show_default=True, help="Data source (see cifarflow.data.datasets.load).")
 @click.option("--recipe", default="cnn_small", show_default=True)
 @click.option("--steps", default=60, show_default=True, help="Training steps per timed round.")
 @click.option("--rounds", default=5, show_default=True, help="Timed rounds per arm (alternating).")
@@ -32,8 +32,10 @@ def main(data: str, recipe: str, steps: int, rounds: int) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from cifarflow import config, data as datamod, pipeline
-    from cifarflow.train import build_and_compile
+    from cifarflow import config
+    from cifarflow.data import datasets as datamod
+    from cifarflow.data import pipeline
+    from cifarflow.training.trainer import build_and_compile
 
     cfg = config.resolve(recipe, {"data": data})
     ds = datamod.load(cfg.data)

@@ -29,8 +29,10 @@ import click  # noqa: E402
 def main(recipe, data, sets, steps, warmup, epoch_images) -> None:
     import keras
 
-    from cifarflow import config, data as datamod, pipeline
-    from cifarflow.train import build_and_compile, seed_everything
+    from cifarflow import config
+    from cifarflow.data import datasets as datamod
+    from cifarflow.data import pipeline
+    from cifarflow.training.trainer import build_and_compile, seed_everything
 
     cfg = config.resolve(recipe, {**config.parse_overrides(sets), "data": data})
     seed_everything(cfg.seed)

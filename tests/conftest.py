@@ -116,7 +116,7 @@ def trained_store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         isolate(mp, root)
         from cifarflow import config
-        from cifarflow.train import train
+        from cifarflow.training.trainer import train
 
         result = train(config.resolve("cnn_small", {
             "width": 0.125, "dense_units": 16, "batch_size": 16, "val_fraction": 0.25, "warmup_epochs": 0,

@@ -9,7 +9,7 @@ import pytest
 
 from cifarflow import config
 from cifarflow.cli import main
-from cifarflow.train import train
+from cifarflow.training.trainer import train
 
 TINY = {"epochs": 1, "batch_size": 16, "val_fraction": 0.25, "warmup_epochs": 0}
 

@@ -11,33 +11,33 @@ import numpy as np
 import pytest
 from conftest import CLASSES3, write_class_folders, write_pickle_dir
 
-from cifarflow import data
+from cifarflow.data import datasets
 from cifarflow.errors import CifarflowError
 
 
 def test_pickle_layout_is_read_as_nhwc(tmp_path):
     x_tr, y_tr, x_te, y_te = write_pickle_dir(tmp_path / "cifar-10-batches-py")
-    ds = data.load(tmp_path / "cifar-10-batches-py")
+    ds = datasets.load(tmp_path / "cifar-10-batches-py")
     assert ds.x_train.shape == (100, 32, 32, 3) and ds.x_train.dtype == np.uint8
     np.testing.assert_array_equal(ds.x_train, x_tr)
     np.testing.assert_array_equal(ds.y_train, y_tr)
     np.testing.assert_array_equal(ds.x_test, x_te)
     assert ds.y_test.dtype == np.int64
-    assert ds.class_names == data.CIFAR10_CLASSES
+    assert ds.class_names == datasets.CIFAR10_CLASSES
 
 
 def test_class_folders_are_read_with_sorted_classes(folder_data, monkeypatch):
     monkeypatch.chdir(folder_data.parent)
-    ds = data.load(folder_data.name)
+    ds = datasets.load(folder_data.name)
     assert ds.source == str(folder_data)  # absolute, whatever was typed
     assert ds.class_names == CLASSES3
     assert ds.x_train.shape == (36, 32, 32, 3) and ds.x_test.shape == (12, 32, 32, 3)
-    assert data.class_counts(ds.y_train, ds.class_names) == {"cat": 12, "dog": 12, "ship": 12}
+    assert datasets.class_counts(ds.y_train, ds.class_names) == {"cat": 12, "dog": 12, "ship": 12}
 
 
 def test_png_pixels_survive_loading(tmp_path):
     written = write_class_folders(tmp_path / "d")
-    ds = data.load(tmp_path / "d")
+    ds = datasets.load(tmp_path / "d")
     np.testing.assert_array_equal(ds.x_train, written["train"][0])
     np.testing.assert_array_equal(ds.y_train, written["train"][1])
 
@@ -46,7 +46,7 @@ def test_checksum_depends_on_pixels_not_format(tmp_path):
     write_class_folders(tmp_path / "a", seed=1)
     write_class_folders(tmp_path / "b", seed=1)
     write_class_folders(tmp_path / "c", seed=2)
-    a, b, c = (data.load(tmp_path / n) for n in "abc")
+    a, b, c = (datasets.load(tmp_path / n) for n in "abc")
     assert a.checksum == b.checksum != c.checksum
     assert len(a.checksum) == 64
 
@@ -59,7 +59,7 @@ def test_archives_are_extracted_into_the_cache_not_beside(tmp_path, kind, layout
         write_class_folders(src)
     else:
         write_pickle_dir(src / "cifar-10-batches-py")
-    expected = data.load(src, use_cache=False)
+    expected = datasets.load(src, use_cache=False)
     archive_dir = tmp_path / "archives"
     archive_dir.mkdir()
     archive = archive_dir / f"data.{kind}"
@@ -70,43 +70,43 @@ def test_archives_are_extracted_into_the_cache_not_beside(tmp_path, kind, layout
     else:
         with tarfile.open(archive, "w:gz") as tf:
             tf.add(src, arcname="top")
-    ds = data.load(archive)
+    ds = datasets.load(archive)
     assert ds.checksum == expected.checksum
     assert os.listdir(archive_dir) == [archive.name]  # nothing extracted beside it
     assert any((tmp_path / "cache" / "extracted").iterdir())
 
 
 def test_second_load_comes_from_the_npz_cache(folder_data, monkeypatch):
-    first = data.load(folder_data)
-    assert list((data.cache_root() / "arrays").glob("*.npz"))
+    first = datasets.load(folder_data)
+    assert list((datasets.cache_root() / "arrays").glob("*.npz"))
 
     def no_decoding(*a, **k):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(data, "_load_root", no_decoding)
-    second = data.load(folder_data)
+    monkeypatch.setattr(datasets, "_load_root", no_decoding)
+    second = datasets.load(folder_data)
     assert second.checksum == first.checksum
     np.testing.assert_array_equal(second.x_train, first.x_train)
 
 
 def test_cache_is_invalidated_when_files_change(folder_data):
-    first = data.load(folder_data)
+    first = datasets.load(folder_data)
     victim = next((folder_data / "train" / "cat").iterdir())
     shutil.copy(next((folder_data / "train" / "dog").iterdir()), victim)
-    assert data.load(folder_data).checksum != first.checksum
+    assert datasets.load(folder_data).checksum != first.checksum
 
 
 def test_cifar10_prefers_the_environment_variable(folder_data, monkeypatch):
     monkeypatch.setenv("CIFARFLOW_DATA", str(folder_data))
-    assert data.resolve_source("cifar10") == str(folder_data)
-    assert data.load("cifar10").class_names == CLASSES3
+    assert datasets.resolve_data_source("cifar10") == str(folder_data)
+    assert datasets.load("cifar10").class_names == CLASSES3
 
 
 def test_cifar10_then_uses_the_keras_cache(tmp_path):
     kdir = tmp_path / "keras_home" / "datasets" / "cifar-10-batches-py-target" / "cifar-10-batches-py"
     write_pickle_dir(kdir)
-    assert data.resolve_source("cifar10") == str(kdir)
-    assert len(data.load("cifar10").y_train) == 100
+    assert datasets.resolve_data_source("cifar10") == str(kdir)
+    assert len(datasets.load("cifar10").y_train) == 100
 
 
 def test_cifar10_then_downloads_through_keras(monkeypatch):
@@ -115,8 +115,8 @@ def test_cifar10_then_downloads_through_keras(monkeypatch):
     x = np.zeros((4, 32, 32, 3), np.uint8)
     y = np.arange(4).reshape(-1, 1)
     monkeypatch.setattr(keras.datasets.cifar10, "load_data", lambda: ((x, y), (x, y)))
-    assert data.resolve_source("cifar10") == "download"
-    ds = data.load("cifar10")
+    assert datasets.resolve_data_source("cifar10") == "download"
+    ds = datasets.load("cifar10")
     assert ds.y_train.shape == (4,) and ds.source == "cifar10"  # reloadable; the Keras cache path once it exists
 
 
@@ -128,31 +128,31 @@ def test_failed_download_is_a_one_line_error(monkeypatch):
 
     monkeypatch.setattr(keras.datasets.cifar10, "load_data", offline)
     with pytest.raises(CifarflowError, match="could not download CIFAR-10.*CIFARFLOW_DATA") as e:
-        data.load("cifar10")
+        datasets.load("cifar10")
     assert "\n" not in str(e.value)
 
 
 def test_missing_path(tmp_path):
     with pytest.raises(CifarflowError, match=r"data source not found: .*nowhere \(pass --data"):
-        data.load(tmp_path / "nowhere")
+        datasets.load(tmp_path / "nowhere")
 
 
 def test_unknown_layout(tmp_path):
     (tmp_path / "junk" / "a").mkdir(parents=True)
     with pytest.raises(CifarflowError, match="neither a cifar-10-batches-py"):
-        data.load(tmp_path / "junk")
+        datasets.load(tmp_path / "junk")
 
 
 def test_unsupported_file(tmp_path):
-    (tmp_path / "data.csv").write_text("x")
+    (tmp_path / "datasets.csv").write_text("x")
     with pytest.raises(CifarflowError, match="unsupported data file"):
-        data.load(tmp_path / "data.csv")
+        datasets.load(tmp_path / "datasets.csv")
 
 
 def test_corrupt_archive(tmp_path):
-    (tmp_path / "data.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
+    (tmp_path / "datasets.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(CifarflowError, match="cannot extract .*corrupt or truncated") as e:
-        data.load(tmp_path / "data.tar.gz")
+        datasets.load(tmp_path / "datasets.tar.gz")
     assert "\n" not in str(e.value)
 
 
@@ -160,13 +160,13 @@ def test_empty_class_folder(folder_data):
     (folder_data / "test" / "bird").mkdir()
     (folder_data / "train" / "bird").mkdir()
     with pytest.raises(CifarflowError, match=r"empty class folder .*bird"):
-        data.load(folder_data)
+        datasets.load(folder_data)
 
 
 def test_class_sets_must_match(folder_data):
     shutil.rmtree(folder_data / "test" / "ship")
     with pytest.raises(CifarflowError, match=r"only in train \['ship'\]"):
-        data.load(folder_data)
+        datasets.load(folder_data)
 
 
 def test_corrupt_images_are_named_or_skipped(folder_data):
@@ -174,9 +174,9 @@ def test_corrupt_images_are_named_or_skipped(folder_data):
     for p in bad:
         p.write_bytes(b"not an image")
     with pytest.raises(CifarflowError, match=r"2 unreadable or corrupt image\(s\): .*0003\.png.*--skip-corrupt") as e:
-        data.load(folder_data)
+        datasets.load(folder_data)
     assert "\n" not in str(e.value)
-    ds = data.load(folder_data, skip_corrupt=True)
+    ds = datasets.load(folder_data, skip_corrupt=True)
     assert ds.skipped == 2 and len(ds.y_train) == 35 and len(ds.y_test) == 11
     assert sorted(ds.skipped_files) == sorted(map(str, bad))
 
@@ -186,8 +186,8 @@ def test_wrong_image_size_fails_unless_resize(folder_data):
 
     Image.new("RGB", (40, 30), (10, 20, 30)).save(folder_data / "train" / "cat" / "big.png")
     with pytest.raises(CifarflowError, match=r"big\.png is 40x30 pixels, not 32x32 .*--resize"):
-        data.load(folder_data)
-    ds = data.load(folder_data, resize=True)
+        datasets.load(folder_data)
+    ds = datasets.load(folder_data, resize=True)
     assert ds.x_train.shape == (37, 32, 32, 3)
 
 
@@ -195,15 +195,15 @@ def test_truncated_pickle_batch(tmp_path):
     write_pickle_dir(tmp_path / "p")
     (tmp_path / "p" / "data_batch_3").write_bytes(b"\x80\x04garbage")
     with pytest.raises(CifarflowError, match=r"cannot read .*data_batch_3"):
-        data.load(tmp_path / "p")
+        datasets.load(tmp_path / "p")
 
 
 def test_split_is_stratified_and_seeded():
     y = np.repeat(np.arange(5), 40)
     x = np.arange(len(y))[:, None]
-    a = data.train_val_split(x, y, 0.25, seed=1)
-    b = data.train_val_split(x, y, 0.25, seed=1)
-    c = data.train_val_split(x, y, 0.25, seed=2)
+    a = datasets.train_val_split(x, y, 0.25, seed=1)
+    b = datasets.train_val_split(x, y, 0.25, seed=1)
+    c = datasets.train_val_split(x, y, 0.25, seed=2)
     assert np.bincount(a[3]).tolist() == [10] * 5  # every class keeps its share
     np.testing.assert_array_equal(a[2], b[2])
     assert not np.array_equal(a[2], c[2])
@@ -212,10 +212,10 @@ def test_split_is_stratified_and_seeded():
 
 def test_split_rejects_bad_fraction():
     with pytest.raises(CifarflowError, match="val_fraction=1.5"):
-        data.train_val_split(np.zeros((10, 1)), np.zeros(10, int), 1.5)
+        datasets.train_val_split(np.zeros((10, 1)), np.zeros(10, int), 1.5)
 
 
 def test_limit_keeps_classes_balanced():
     y = np.repeat(np.arange(10), 100)
-    x, y2 = data.limit_per_class(np.arange(1000), y, 50, seed=0)
+    x, y2 = datasets.limit_per_class(np.arange(1000), y, 50, seed=0)
     assert len(y2) == 50 and np.bincount(y2).tolist() == [5] * 10

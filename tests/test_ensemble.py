@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from cifarflow import config, registry, voting
+from cifarflow import config
 from cifarflow.cli import main
-from cifarflow.ensemble import parse_weights
+from cifarflow.evaluation import voting
+from cifarflow.evaluation.ensemble import parse_weights
 from cifarflow.errors import CifarflowError
-from cifarflow.train import train
+from cifarflow.tracking import refs
+from cifarflow.training.trainer import train
 from conftest import post, serving
 
 # three members, two images, three classes
@@ -96,15 +98,15 @@ def members(two_runs, tmp_path):
 
 
 def member_probs(results, x):
-    return [registry.load_keras(r.model_uri).predict(x.astype(np.float32), verbose=0) for r in results]
+    return [refs.load_keras(r.model_uri).predict(x.astype(np.float32), verbose=0) for r in results]
 
 
 @pytest.mark.slow
 def test_ensemble_command_scores_and_logs_a_pyfunc_model(members, capsys):
     root, (r1, r2) = members
-    from cifarflow import data
+    from cifarflow.data import datasets
 
-    x, y = data.load(str(root / "train_data")).x_test, data.load(str(root / "train_data")).y_test
+    x, y = datasets.load(str(root / "train_data")).x_test, datasets.load(str(root / "train_data")).y_test
     probs = member_probs([r1, r2], x)
     main(["ensemble", r1.model_uri, r2.run_id, "--weights", "3,1", "--fgsm-images", "6", "--tta", "flip"])
     out = capsys.readouterr().out
@@ -140,7 +142,7 @@ def test_ensemble_command_scores_and_logs_a_pyfunc_model(members, capsys):
     main(["pull", "cifarflow-ensemble@challenger", "--format", "mlflow", "--dest", "deploy"])
     pulled = mlflow.pyfunc.load_model("deploy/model")
     np.testing.assert_allclose(pulled.predict(x[:3].astype(np.float32)), expected[:3], atol=1e-5)
-    from cifarflow import compare  # compared like any run, its batch-1 latency through pyfunc
+    from cifarflow.evaluation import compare  # compared like any run, its batch-1 latency through pyfunc
 
     row = compare.collect(["cifarflow/ensemble"], latency=True)[0]
     assert row["run_id"] == run.info.run_id and row["params"] == m["params"] and row["latency_ms"] > 0
@@ -154,10 +156,10 @@ def test_ensemble_command_scores_and_logs_a_pyfunc_model(members, capsys):
 @pytest.mark.slow
 def test_hard_voting_ensemble_is_served_by_mlflow(members, tmp_path, caplog):
     root, (r1, r2) = members
-    from cifarflow import data
-    from cifarflow.ensemble import ensemble
+    from cifarflow.data import datasets
+    from cifarflow.evaluation.ensemble import ensemble
 
-    x = data.load(str(root / "train_data")).x_test
+    x = datasets.load(str(root / "train_data")).x_test
     mlflow_log = logging.getLogger("mlflow")  # it does not propagate to the root logger caplog listens on
     mlflow_log.addHandler(caplog.handler)
     try:

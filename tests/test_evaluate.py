@@ -7,17 +7,18 @@ import mlflow
 import numpy as np
 import pytest
 
-from cifarflow import config, evaluation
+from cifarflow import config
+from cifarflow.evaluation import metrics
 from cifarflow.cli import main
-from cifarflow.train import train
+from cifarflow.training.trainer import train
 
 
 def test_ece_on_a_hand_computed_case():
     probs = np.array([[0.9, 0.1], [0.62, 0.38], [0.81, 0.19], [0.28, 0.72]])
     y = np.array([0, 1, 0, 1])  # right, wrong, right, right; each in its own bin of 15
     # (|1-0.9| + |0-0.62| + |1-0.81| + |1-0.72|) / 4
-    assert evaluation.expected_calibration_error(y, probs) == pytest.approx(1.19 / 4)
-    bins = evaluation.reliability_bins(y, probs)
+    assert metrics.expected_calibration_error(y, probs) == pytest.approx(1.19 / 4)
+    bins = metrics.reliability_bins(y, probs)
     assert [c for _, _, c in bins].count(1) == 4 and sum(c for _, _, c in bins) == 4
     assert bins[9] == (pytest.approx(0.62), 0.0, 1)  # 0.62 lies in (9/15, 10/15]
 
@@ -30,7 +31,7 @@ def test_classification_metrics_on_a_hand_computed_case():
                       [0.1, 0.5, 0.4],   # 1 -> 1
                       [0.5, 0.0, 0.5],   # 2 -> 0 (tie: the lower index, as argmax)
                       [0.1, 0.1, 0.8]])  # 2 -> 2
-    m = evaluation.classification_metrics(y, probs, ["a", "b", "c"])
+    m = metrics.classification_metrics(y, probs, ["a", "b", "c"])
     np.testing.assert_array_equal(m["confusion_matrix"], [[1, 1, 0], [0, 2, 0], [1, 0, 1]])  # rows true
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["nll"] == pytest.approx(-np.log([0.8, 0.3, 0.7, 0.5, 0.5, 0.8]).mean())
@@ -39,14 +40,14 @@ def test_classification_metrics_on_a_hand_computed_case():
     assert m["macro_f1"] == pytest.approx(np.mean(f1))
     assert m["report"]["b"]["precision"] == pytest.approx(2 / 3) and m["report"]["c"]["recall"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="do not match"):
-        evaluation.classification_metrics(y, probs[:, :2], ["a", "b", "c"])
+        metrics.classification_metrics(y, probs[:, :2], ["a", "b", "c"])
 
 
 def test_ece_is_zero_when_confidence_matches_accuracy():
     probs = np.array([[0.75, 0.25]] * 4)
     y = np.array([0, 0, 0, 1])  # 75% right at confidence 0.75
-    assert evaluation.expected_calibration_error(y, probs) == pytest.approx(0.0)
-    assert evaluation.expected_calibration_error(np.array([0, 1]), np.eye(2)) == 0.0
+    assert metrics.expected_calibration_error(y, probs) == pytest.approx(0.0)
+    assert metrics.expected_calibration_error(np.array([0, 1]), np.eye(2)) == 0.0
 
 
 def test_fgsm_raises_the_loss_and_flips_predictions_of_a_linear_model():
@@ -57,7 +58,7 @@ def test_fgsm_raises_the_loss_and_flips_predictions_of_a_linear_model():
     model = keras.Model(inputs, outputs)
     images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3)).astype(np.float32)
     labels = model.predict(images, verbose=0).argmax(1)  # the model is right on all of them
-    adversarial = evaluation.fgsm(model, images, labels, eps=8)
+    adversarial = metrics.fgsm(model, images, labels, eps=8)
     assert adversarial.shape == images.shape and adversarial.min() >= 0 and adversarial.max() <= 255
     assert np.abs(adversarial - images).max() <= 8 + 1e-4
     after = model.predict(adversarial, verbose=0)

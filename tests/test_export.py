@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from cifarflow import data, export, registry
 from cifarflow.cli import main
+from cifarflow.data import datasets
+from cifarflow.deploy import export, pull, registry
 from cifarflow.errors import CifarflowError
+from cifarflow.tracking import refs
 from conftest import post, serving
 
 NAME = "cifarflow-cnn"
@@ -22,13 +24,13 @@ NAME = "cifarflow-cnn"
 @pytest.fixture
 def champion(trained):
     """The tiny trained model registered as version 1 of cifarflow-cnn, champion and challenger."""
-    registry.register(registry.resolve_source(trained.run_id))
+    registry.register(refs.resolve_source(trained.run_id))
     registry.promote(NAME)
     return trained
 
 
 def keras_probs(model_uri: str, x: np.ndarray) -> np.ndarray:
-    return registry.load_keras(model_uri).predict(x.astype(np.float32), verbose=0)
+    return refs.load_keras(model_uri).predict(x.astype(np.float32), verbose=0)
 
 
 def test_export_onnx_and_every_tflite_mode_with_parity(champion):
@@ -47,7 +49,7 @@ def test_export_onnx_and_every_tflite_mode_with_parity(champion):
     assert by_kind["tflite_int8"].size_bytes < 0.5 * by_kind["tflite_float32"].size_bytes
     assert json.loads((out / "parity.json").read_text())["tflite_int8"]["passed"] is True
 
-    x = data.load(MlflowClient().get_run(champion.run_id).data.params["data_source"]).x_test
+    x = datasets.load(MlflowClient().get_run(champion.run_id).data.params["data_source"]).x_test
     ref = keras_probs(champion.model_uri, x)
     assert np.abs(export.predict_onnx(out / "model.onnx", x[:5]) - ref[:5]).max() < 1e-4  # dynamic batch
     assert np.abs(export.predict_tflite(out / "model_float32.tflite", x[:1]) - ref[:1]).max() < 1e-4
@@ -78,7 +80,7 @@ def test_pull_by_alias_writes_the_model_and_its_card(champion, capsys):
     assert card["source_run_id"] == champion.run_id and card["metrics"]["test_accuracy"] == champion.metrics["test_accuracy"]
     assert float(card["export"]["max_abs_diff"]) < 1e-4
 
-    x = data.load(MlflowClient().get_run(champion.run_id).data.params["data_source"]).x_test
+    x = datasets.load(MlflowClient().get_run(champion.run_id).data.params["data_source"]).x_test
     ref = keras_probs(champion.model_uri, x)
     assert np.abs(export.predict_onnx("deploy/model.onnx", x) - ref).max() < 1e-4
     import keras
@@ -87,7 +89,7 @@ def test_pull_by_alias_writes_the_model_and_its_card(champion, capsys):
     assert np.abs(pulled.predict(x.astype(np.float32), verbose=0) - ref).max() < 1e-6
     assert not (source / "registered_model_meta").exists()  # the training run's artifacts stay as logged
     with pytest.raises(CifarflowError, match="has no tflite_int8 export"):
-        registry.pull(f"{NAME}@champion", "tflite", Path("x"), quantize="int8")
+        pull.pull(f"{NAME}@champion", "tflite", Path("x"), quantize="int8")
 
 
 def test_failed_parity_writes_no_file(champion, monkeypatch):
@@ -108,7 +110,7 @@ def test_export_refuses_other_test_data(champion, folder_data):
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_raw_pixels(champion, tmp_path):
     """A real `mlflow models serve` of models:/cifarflow-cnn@champion on 127.0.0.1, fed JSON raw pixels."""
-    x = data.load(MlflowClient().get_run(champion.run_id).data.params["data_source"]).x_test
+    x = datasets.load(MlflowClient().get_run(champion.run_id).data.params["data_source"]).x_test
     ref = keras_probs(champion.model_uri, x)
     with serving(["models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local"],
                  tmp_path / "serve.log", "/ping") as base:

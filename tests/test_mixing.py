@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cifarflow import config, evaluation, pipeline
+from cifarflow import config
+from cifarflow.evaluation import metrics
+from cifarflow.data import pipeline
 
 
 def one_hot_batch(n=64):
@@ -103,10 +105,10 @@ def test_flip_tta_averages_image_and_mirror():
     outputs = keras.layers.Dense(3, activation="softmax", kernel_initializer=keras.initializers.RandomNormal(seed=0))(x)
     model = keras.Model(inputs, outputs)
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3)).astype(np.uint8) / 8
-    plain = evaluation.predict(model, images)
+    plain = metrics.predict_probs(model, images)
     mirrored = model.predict(images[:, :, ::-1].astype(np.float32), verbose=0)
-    tta = evaluation.predict(model, images, tta="flip")
+    tta = metrics.predict_probs(model, images, tta="flip")
     np.testing.assert_allclose(tta, (plain + mirrored) / 2, atol=1e-6)
     assert not np.allclose(tta, plain)
     with pytest.raises(ValueError, match="unknown tta"):
-        evaluation.predict(model, images, tta="crops")
+        metrics.predict_probs(model, images, tta="crops")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cifarflow import config, pipeline
+from cifarflow import config
+from cifarflow.data import pipeline
 
 
 def _arrays(n=40, classes=4):

@@ -6,7 +6,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from cifarflow import registry, tracking
+from cifarflow import tracking
+from cifarflow.deploy import registry
+from cifarflow.tracking import refs
 from cifarflow.cli import main
 from cifarflow.errors import CifarflowError
 
@@ -31,7 +33,7 @@ def aliases() -> dict[str, str]:
 
 
 def test_register_a_run_as_challenger_with_description_and_tags(trained):
-    ref = registry.register(registry.resolve_source(trained.run_id))
+    ref = registry.register(refs.resolve_source(trained.run_id))
     assert (ref.name, ref.version, ref.run_id) == (NAME, "1", trained.run_id)
     mv = MlflowClient().get_model_version(NAME, "1")
     assert mv.aliases == ["challenger"] and mv.run_id == trained.run_id
@@ -56,7 +58,7 @@ def test_champion_moves_only_on_improvement_by_the_margin(trained, capsys):
     main(["register", trained.run_id, "--promote"])  # no champion yet: the challenger becomes champion
     assert aliases() == {"challenger": "1", "champion": "1"}
 
-    registry.register(registry.resolve_source(twin_run(trained, acc + 0.05)))  # v2: better by 0.05
+    registry.register(refs.resolve_source(twin_run(trained, acc + 0.05)))  # v2: better by 0.05
     d = registry.promote(NAME)
     assert d.promoted and d.champion_before == "1" and aliases()["champion"] == "2"
     tags = MlflowClient().get_model_version(NAME, "2").tags
@@ -66,7 +68,7 @@ def test_champion_moves_only_on_improvement_by_the_margin(trained, capsys):
     assert MlflowClient().get_model_version(NAME, "1").tags["cifarflow.promotion.replaced_by"] == "2"
 
     for version, value in (("3", acc + 0.05 + 0.001), ("4", acc - 0.1)):  # below the 0.002 margin; a regression
-        registry.register(registry.resolve_source(twin_run(trained, value)))
+        registry.register(refs.resolve_source(twin_run(trained, value)))
         main(["promote", NAME])
         assert aliases() == {"champion": "2", "challenger": version}
         tags = MlflowClient().get_model_version(NAME, version).tags
@@ -78,9 +80,9 @@ def test_champion_moves_only_on_improvement_by_the_margin(trained, capsys):
 
 
 def test_no_promotion_across_different_test_sets_unless_forced(trained, capsys):
-    registry.register(registry.resolve_source(trained.run_id))
+    registry.register(refs.resolve_source(trained.run_id))
     registry.promote(NAME)
-    registry.register(registry.resolve_source(twin_run(trained, 1.0, sha="0" * 64)))
+    registry.register(refs.resolve_source(twin_run(trained, 1.0, sha="0" * 64)))
     with pytest.raises(SystemExit) as e:
         main(["promote", NAME])
     assert e.value.code == 2 and "error: cannot compare cifarflow-cnn v2 with champion v1: different test sets" in capsys.readouterr().err
@@ -94,7 +96,7 @@ def test_policy_names_the_model_per_architecture(trained, tmp_path, monkeypatch)
     policy = tmp_path / "policy.yaml"
     policy.write_text("metric: test_accuracy\nmin_improvement: 0.01\nmodels:\n  resnet: cifarflow-resnet\n")
     monkeypatch.setenv("CIFARFLOW_POLICY", str(policy))
-    source = registry.resolve_source(trained.run_id)
+    source = refs.resolve_source(trained.run_id)
     with pytest.raises(CifarflowError, match="architecture 'cnn' has no registered model name"):
         registry.register(source)
     assert registry.register(source, name="my-cnn").name == "my-cnn"
@@ -116,6 +118,7 @@ def test_fixable_registry_errors_are_one_line(trained, argv, message, capsys):
 
 
 def test_the_policy_names_every_architecture():
-    from cifarflow import models, registry
+    from cifarflow import models
+    from cifarflow.deploy import registry
 
     assert set(models.BUILDERS) <= set(registry.load_policy().models)

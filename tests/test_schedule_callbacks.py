@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cifarflow import config
-from cifarflow.train import make_callbacks, make_optimizer
+from cifarflow.training.trainer import make_callbacks, make_optimizer
 
 
 def lr_at(optimizer, step):
@@ -64,7 +64,7 @@ def test_without_validation_no_checkpoint_and_plateau_watches_training_loss(tmp_
 def test_logged_lr_is_the_rate_at_the_start_of_each_epoch(train_data):
     import mlflow
 
-    from cifarflow.train import train
+    from cifarflow.training.trainer import train
 
     cfg = config.resolve("cnn_small", {"data": str(train_data), "epochs": 2, "width": 0.125, "batch_size": 16,
                                        "val_fraction": 0.25, "warmup_epochs": 0, "learning_rate": 0.1})

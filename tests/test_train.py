@@ -6,9 +6,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from cifarflow import config, data, tracking
+from cifarflow import config, tracking
+from cifarflow.data import datasets
 from cifarflow.errors import CifarflowError
-from cifarflow.train import train
+from cifarflow.training.trainer import train
 
 TINY = {"width": 0.125, "dense_units": 16, "batch_size": 16, "val_fraction": 0.25, "warmup_epochs": 0}
 EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second"}
@@ -60,7 +61,7 @@ def test_one_epoch_run_logs_everything_and_the_model_reloads(train_data):
     assert run.data.params["epochs"] == "1" and run.data.params["width"] == "0.125"
     assert run.data.params["train_images"] == "54" and run.data.params["val_images"] == "18"
     assert TAGS <= set(run.data.tags)
-    ds = data.load(train_data)
+    ds = datasets.load(train_data)
     assert run.data.tags["cifarflow.dataset_sha256"] == ds.checksum
     assert ARTIFACTS <= {a.path for a in client.list_artifacts(result.run_id)}
     assert run.data.tags["cifarflow.model_uri"] == result.model_uri
@@ -154,7 +155,7 @@ def test_resnet20_trains_under_the_jax_backend(train_data):
     script = (
         "import json, keras\n"
         "from cifarflow import config\n"
-        "from cifarflow.train import train\n"
+        "from cifarflow.training.trainer import train\n"
         "assert keras.backend.backend() == 'jax'\n"
         f"cfg = config.resolve('resnet20', {{'data': {str(train_data)!r}, 'epochs': 1, 'batch_size': 16,"
         " 'val_fraction': 0.25, 'warmup_epochs': 0, 'mixup_alpha': 0.2, 'tta': 'flip'})\n"

@@ -15,11 +15,12 @@ import mlflow
 import numpy as np
 import pytest
 
-from cifarflow import config, data, models
+from cifarflow import config, models
+from cifarflow.data import datasets
 from cifarflow.cli import main
 from cifarflow.errors import CifarflowError
 from cifarflow.models import transfer
-from cifarflow.train import train
+from cifarflow.training.trainer import train
 
 BACKBONES = ("mobilenetv2", "efficientnetv2b0", "efficientnetb0", "resnet50v2")
 SMALL = {"weights": "none", "resolution": 32}
@@ -124,7 +125,7 @@ def test_two_phases_train_in_one_run_and_the_model_reloads(name, train_data, tmp
         np.testing.assert_array_equal(var, 1.0)
 
     # the logged model reloads with the predictions that were evaluated (pyfunc and Keras flavours alike)
-    ds = data.load(train_data)
+    ds = datasets.load(train_data)
     probs = model.predict(ds.x_test, verbose=0)
     assert (probs.argmax(1) == ds.y_test).mean() == pytest.approx(result.metrics["test_accuracy"])
     pyfunc = np.asarray(mlflow.pyfunc.load_model(result.model_uri).predict(ds.x_test.astype(np.float32)))
@@ -218,15 +219,15 @@ def test_bad_weights_files(tmp_path):
 
 
 def test_class_subsets_are_relabelled_in_dataset_order(folder_data):
-    ds = data.load(folder_data)
-    sub = data.select_classes(ds, ["ship", "cat"])
+    ds = datasets.load(folder_data)
+    sub = datasets.select_classes(ds, ["ship", "cat"])
     assert sub.class_names == ("cat", "ship")
     assert set(sub.y_train) == {0, 1} and len(sub.y_train) == 24 and len(sub.y_test) == 8
     np.testing.assert_array_equal(sub.x_train[sub.y_train == 1], ds.x_train[ds.y_train == 2])
     with pytest.raises(CifarflowError, match=r"\['horse'\] not in the dataset"):
-        data.select_classes(ds, ["cat", "horse"])
-    assert data.CLASS_GROUPS["animals"] + data.CLASS_GROUPS["vehicles"] and not (
-        set(data.CLASS_GROUPS["animals"]) & set(data.CLASS_GROUPS["vehicles"]))
+        datasets.select_classes(ds, ["cat", "horse"])
+    assert datasets.CLASS_GROUPS["animals"] + datasets.CLASS_GROUPS["vehicles"] and not (
+        set(datasets.CLASS_GROUPS["animals"]) & set(datasets.CLASS_GROUPS["vehicles"]))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -13,7 +13,7 @@ import optuna
 import pytest
 import yaml
 
-from cifarflow import tuning
+from cifarflow.training import tuning
 from cifarflow.errors import CifarflowError
 
 FIXED = {"epochs": 4, "batch_size": 16, "val_fraction": 0.25, "warmup_epochs": 0}

@@ -86,7 +86,7 @@ def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, resume,
     """Train RECIPE (a name in experiments/ or a .yaml path) and log it to MLflow."""
     _import_tensorflow_quietly()
     from cifarflow import config as cfg
-    from cifarflow.train import train as run_training
+    from cifarflow.training.trainer import train as run_training
 
     overrides = _overrides(sets, data=data, epochs=epochs, limit=limit, seed=seed,
                            skip_corrupt=skip_corrupt, resize=resize)
@@ -123,7 +123,7 @@ def tune(recipe, study_name, trials, storage, space_path, timeout, n_jobs, heart
     """Search RECIPE's settings with Optuna; every trial is a nested MLflow run."""
     _import_tensorflow_quietly()
     from cifarflow import config as cfg
-    from cifarflow import tuning
+    from cifarflow.training import tuning
 
     overrides = _overrides(sets, data=data, epochs=epochs, limit=limit, seed=seed)
     study = tuning.tune(recipe, study_name, trials, overrides=overrides, storage=storage, space_path=space_path,
@@ -146,10 +146,10 @@ def tune(recipe, study_name, trials, storage, space_path, timeout, n_jobs, heart
 def evaluate_command(model_ref, data, tta, fgsm_images) -> None:
     """Score MODEL (models:/..., runs:/RUN_ID or a run id) on its test set; log a linked run."""
     _import_tensorflow_quietly()
-    from cifarflow import evaluate
+    from cifarflow.evaluation import evaluator, scoring
 
-    run_id, metrics = evaluate.evaluate(model_ref, data=data, tta=tta, fgsm_images=fgsm_images)
-    click.echo(evaluate.format_table(metrics), nl=False)
+    run_id, metrics = evaluator.evaluate(model_ref, data=data, tta=tta, fgsm_images=fgsm_images)
+    click.echo(scoring.format_table(metrics), nl=False)
     click.echo(f"evaluation run {run_id}")
 
 
@@ -164,7 +164,7 @@ def compare_command(experiments, metric, out, latency) -> None:
     _import_tensorflow_quietly()
     from pathlib import Path
 
-    from cifarflow import compare
+    from cifarflow.evaluation import compare
 
     run_id, rows = compare.compare(list(experiments) or None, metric, Path(out), latency)
     click.echo(compare.to_markdown(rows), nl=False)
@@ -184,11 +184,11 @@ def compare_command(experiments, metric, out, latency) -> None:
 def ensemble_command(model_refs, method, weights, data, tta, fgsm_images) -> None:
     """Vote MODEL_URI... (models:/..., runs:/RUN_ID or run ids); score and log the ensemble as a pyfunc model."""
     _import_tensorflow_quietly()
-    from cifarflow import ensemble, evaluate
+    from cifarflow.evaluation import ensemble, scoring
 
     result = ensemble.ensemble(list(model_refs), method, ensemble.parse_weights(weights, len(model_refs)),
                                data=data, tta=tta, fgsm_images=fgsm_images)
-    click.echo(evaluate.format_table(result.metrics), nl=False)
+    click.echo(scoring.format_table(result.metrics), nl=False)
     for name, acc in result.member_accuracy.items():
         click.echo(f"member {name}: test_accuracy={acc:.4f}")
     click.echo(f"ensemble {method}: test_accuracy={result.metrics['test_accuracy']:.4f}; "
@@ -210,7 +210,7 @@ def data_info(source, out, skip_corrupt, resize) -> None:
     """Counts per class, checksum and a sample grid of SOURCE."""
     from pathlib import Path
 
-    from cifarflow import data as d
+    from cifarflow.data import datasets as d
     from cifarflow import plots
 
     if not Path(out).absolute().parent.is_dir():
@@ -244,11 +244,12 @@ def data_info(source, out, skip_corrupt, resize) -> None:
 def register(source, best_of, metric, name, then_promote) -> None:
     """Register SOURCE (models:/<model_id> or a run id) as the new challenger version."""
     _import_tensorflow_quietly()
-    from cifarflow import registry
+    from cifarflow.deploy import registry
+    from cifarflow.tracking import refs
 
-    src = registry.resolve_source(source or None, best_of=best_of or None, metric=metric)
+    src = refs.resolve_source(source or None, best_of=best_of or None, metric=metric)
     ref = registry.register(src, name or None)
-    click.echo(f"registered {ref.name} version {ref.version} (alias {registry.CHALLENGER}) "
+    click.echo(f"registered {ref.name} version {ref.version} (alias {refs.CHALLENGER}) "
                f"from run {src.run_id}, {src.model_uri}")
     if then_promote:
         _echo_decision(registry.promote(ref.name))
@@ -265,7 +266,7 @@ def _echo_decision(d) -> None:
 def promote(model, force) -> None:
     """Move MODEL's champion alias to its challenger if it beats the champion by the policy's margin."""
     _import_tensorflow_quietly()
-    from cifarflow import registry
+    from cifarflow.deploy import registry
 
     _echo_decision(registry.promote(model, force=force))
 
@@ -282,7 +283,7 @@ def export_command(model_uri, fmt, quantize, out, data) -> None:
     _import_tensorflow_quietly()
     from pathlib import Path
 
-    from cifarflow import export as ex
+    from cifarflow.deploy import export as ex
 
     modes = [m.strip() for q in quantize for m in q.split(",") if m.strip()]
     modes = list(ex.QUANTIZE) if "all" in modes else modes
@@ -307,9 +308,9 @@ def pull(model, fmt, quantize, dest) -> None:
     _import_tensorflow_quietly()
     from pathlib import Path
 
-    from cifarflow import registry
+    from cifarflow.deploy.pull import pull as pull_version
 
-    path = registry.pull(model, fmt, Path(dest), quantize=quantize)
+    path = pull_version(model, fmt, Path(dest), quantize=quantize)
     click.echo(f"{path} and {Path(dest) / 'model_card.json'}")
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ import yaml
 
 from cifarflow import models
 from cifarflow.errors import CifarflowError
+from cifarflow.utils import parse_value  # noqa: F401  (config.parse_value is public)
 
 
 class TrainConfig(pydantic.BaseModel):
@@ -161,14 +162,6 @@ def recipes_dir() -> Path:
 def available_recipes() -> list[str]:
     """Names of the recipe files in :func:`recipes_dir`."""
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
-
-
-def parse_value(text: str) -> Any:
-    """Parse an override value as YAML (``0.1`` -> float, ``true`` -> bool, ``null`` -> None)."""
-    try:
-        return yaml.safe_load(text) if isinstance(text, str) else text
-    except yaml.YAMLError:
-        return text
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Model registry: maps builder names to pure Keras model builders and validates their parameters."""
+"""Model catalog: maps builder names to pure Keras model builders and validates their parameters."""
 
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ import numpy as np
 import pydantic
 from keras import layers
 
-from cifarflow import data
 from cifarflow.errors import CifarflowError
+from cifarflow.utils import sha256_file
 
 # backbone -> (Keras application, scale, offset of its preprocess_input as a Rescaling layer, or None
 # when the application rescales inside itself and expects 0..255).
@@ -327,7 +327,7 @@ def weights_tags(weights: str | None, model: keras.Model) -> dict[str, str]:
     kind = _weights_kind(weights)
     tags = {"cifarflow.weights_source": "none" if kind == "none" else str(weights)}
     if kind == "path":
-        tags["cifarflow.weights_sha256"] = data.sha256_file(weights_file(str(weights)))
+        tags["cifarflow.weights_sha256"] = sha256_file(weights_file(str(weights)))
     elif kind == "imagenet":
         tags["cifarflow.weights_sha256"] = "arrays:" + sha256_weights(backbone_of(model))
     return tags

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarflow.errors import CifarflowError
+from cifarflow.utils import sha256_file
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -84,7 +85,7 @@ def keras_cifar10_dir() -> Path | None:
     return None
 
 
-def resolve_source(source: str | os.PathLike = "cifar10") -> str:
+def resolve_data_source(source: str | os.PathLike = "cifar10") -> str:
     """Resolve the ``data`` argument to a path, or to ``"download"``.
 
     ``cifar10`` resolves in this order: ``$CIFARFLOW_DATA`` if set, then the
@@ -110,7 +111,7 @@ def load(
 ) -> Dataset:
     """Load a dataset as uint8 NHWC arrays.
 
-    Sources: ``cifar10`` (see :func:`resolve_source`), a directory in the
+    Sources: ``cifar10`` (see :func:`resolve_data_source`), a directory in the
     canonical ``cifar-10-batches-py`` pickle layout, a class-folder tree
     ``{train,test}/<class>/*.(jpg|jpeg|png)``, or a ``.tar.gz``/``.tgz``/``.tar``/
     ``.zip`` archive holding either (extracted once under :func:`cache_root`,
@@ -137,7 +138,7 @@ def load(
         CifarflowError: missing path, unknown layout, empty class folder,
             corrupt images, train/test class sets that differ, wrong image size.
     """
-    resolved = resolve_source(source)
+    resolved = resolve_data_source(source)
     if resolved == "download":
         return _load_keras_download()
     path = Path(resolved).expanduser().absolute()  # logged as data_source: valid from any directory
@@ -307,15 +308,6 @@ def _load_keras_download() -> Dataset:
     cached = keras_cifar10_dir()  # where Keras put it: a source the run's data_source can reload
     return Dataset(**{**_make(x_train, y_train, x_test, y_test, CIFAR10_CLASSES).__dict__,
                       "source": str(cached) if cached else "cifar10"})
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 (hex) of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fingerprint(path: Path) -> str:

@@ -17,10 +17,14 @@ import keras
 import mlflow
 import numpy as np
 
-from cifarflow import data, evaluation, models, phases, pipeline, plots, tracking
-from cifarflow.models import transfer
+from cifarflow import models, plots, tracking
 from cifarflow.config import TrainConfig
+from cifarflow.data import datasets, pipeline
 from cifarflow.errors import CifarflowError
+from cifarflow.evaluation.metrics import classification_metrics, predict_probs, report_csv
+from cifarflow.models import transfer
+from cifarflow.training import phases
+from cifarflow.utils import sha256_file
 
 
 @dataclass(frozen=True)
@@ -230,7 +234,7 @@ def _log_backbone_weights(model: keras.Model, run_id: str) -> None:
         transfer.backbone_of(model).save_weights(str(path))
         mlflow.log_artifact(str(path))
         mlflow.set_tags({"cifarflow.backbone_weights": f"runs:/{run_id}/backbone.weights.h5",
-                         "cifarflow.backbone_weights_sha256": data.sha256_file(path)})
+                         "cifarflow.backbone_weights_sha256": sha256_file(path)})
 
 
 def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: str | None, in_active_run: bool,
@@ -273,10 +277,10 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
                              "start a new run (without --resume)")
     tracking.configure()
     seed_everything(config.seed)
-    ds = data.load(config.data, skip_corrupt=config.skip_corrupt, resize=config.resize)
-    ds = data.select_classes(ds, config.classes)
-    x_all, y_all = data.limit_per_class(ds.x_train, ds.y_train, config.limit, config.seed)
-    x_tr, y_tr, x_val, y_val = data.train_val_split(x_all, y_all, config.val_fraction, config.seed)
+    ds = datasets.load(config.data, skip_corrupt=config.skip_corrupt, resize=config.resize)
+    ds = datasets.select_classes(ds, config.classes)
+    x_all, y_all = datasets.limit_per_class(ds.x_train, ds.y_train, config.limit, config.seed)
+    x_tr, y_tr, x_val, y_val = datasets.train_val_split(x_all, y_all, config.val_fraction, config.seed)
     model = build_and_compile(config, ds.num_classes, x_tr)
     steps_per_epoch = math.ceil(len(x_tr) / config.batch_size)
     weights_tags = transfer.weights_tags(config.model_params["weights"], model) if transfer.backbone_of(model) else {}
@@ -336,8 +340,8 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
             _log_backbone_weights(model, run_id)
 
         test_loss, _ = model.evaluate(test_ds, verbose=0)
-        probs = evaluation.predict(model, ds.x_test, batch_size=config.batch_size)
-        scores = evaluation.classification_metrics(ds.y_test, probs, ds.class_names)
+        probs = predict_probs(model, ds.x_test, batch_size=config.batch_size)
+        scores = classification_metrics(ds.y_test, probs, ds.class_names)
         metrics = {
             "test_accuracy": scores["accuracy"], "test_loss": float(test_loss), "nll": scores["nll"],
             "macro_f1": scores["macro_f1"], "train_seconds": train_seconds,
@@ -346,7 +350,7 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
         if best_val:
             metrics["best_val_accuracy"] = max(best_val)
         if config.tta != "none":
-            tta_probs = evaluation.predict(model, ds.x_test, tta=config.tta, batch_size=config.batch_size)
+            tta_probs = predict_probs(model, ds.x_test, tta=config.tta, batch_size=config.batch_size)
             metrics["test_accuracy_tta"] = float((tta_probs.argmax(1) == ds.y_test).mean())
         mlflow.log_metrics(metrics)
 
@@ -357,7 +361,7 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
             plots.confusion_matrix(scores["confusion_matrix"], ds.class_names, out / "confusion_matrix.png")
             plots.misclassified_grid(ds.x_test, ds.y_test, probs, ds.class_names, out / "misclassified.png")
             (out / "classification_report.json").write_text(json.dumps(scores["report"], indent=2))
-            (out / "classification_report.csv").write_text(evaluation.report_csv(scores["report"]))
+            (out / "classification_report.csv").write_text(report_csv(scores["report"]))
             (out / "classes.json").write_text(json.dumps(list(ds.class_names)))
             mlflow.log_artifacts(tmp)
         model_uri = ""

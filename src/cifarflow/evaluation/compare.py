@@ -15,6 +15,7 @@ import numpy as np
 
 from cifarflow import plots, tracking
 from cifarflow.errors import CifarflowError
+from cifarflow.tracking.refs import load_keras
 
 COLUMNS = ("run", "recipe", "params", "trainable_params", "test_accuracy", "test_accuracy_tta", "train_val_gap",
            "ece", "train_seconds", "images_per_second", "model_mb", "latency_ms", "run_id")
@@ -37,10 +38,8 @@ def _model_mb(model_uri: str) -> float | None:
 
 def _latency_ms(model_uri: str, repeats: int = 50) -> float:
     """Median batch-1 prediction time in ms, after warm-up: a Keras model called directly, a pyfunc model's predict."""
-    from cifarflow import registry
-
     try:
-        keras_model = registry.load_keras(model_uri)
+        keras_model = load_keras(model_uri)
         predict = lambda x: np.asarray(keras_model(x, training=False))  # noqa: E731
     except CifarflowError:  # a pyfunc model (an ensemble): its own predict
         predict = mlflow.pyfunc.load_model(model_uri).predict

@@ -104,7 +104,7 @@ def predict_tflite(path: Path | str, x: np.ndarray, batch_size: int = 256) -> np
     return np.concatenate(chunks)
 
 
-def predict(kind: str, path: Path | str, x: np.ndarray) -> np.ndarray:
+def predict_exported(kind: str, path: Path | str, x: np.ndarray) -> np.ndarray:
     """Probabilities of an export file of ``kind`` (see :func:`kind_of`) on raw pixels ``x``."""
     return predict_onnx(path, x) if kind == "onnx" else predict_tflite(path, x)
 
@@ -175,7 +175,7 @@ def to_tflite(model, out_dir: Path, modes: list[str], representative: np.ndarray
     rep = out_dir / "representative.npy"
     np.save(rep, representative)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "-m", "cifarflow.export", str(saved), str(out_dir), str(rep), *modes],
+    proc = subprocess.run([sys.executable, "-m", __name__, str(saved), str(out_dir), str(rep), *modes],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
@@ -252,24 +252,24 @@ def export(model_ref: str, formats: list[str], quantize: list[str] | None = None
     """
     import mlflow
 
-    from cifarflow import registry
+    from cifarflow.tracking import refs
 
     quantize = list(quantize or ["none"])
     bad = [f for f in formats if f not in FORMATS] + [q for q in quantize if q not in QUANTIZE]
     if bad or not formats:
         raise CifarflowError(f"unknown export format or quantization {bad or formats}",
                              f"use --format {'|'.join(FORMATS)}|all and --quantize {'|'.join(QUANTIZE)}")
-    client = registry.mlflow_client()
+    client = refs.mlflow_client()
     if model_ref.startswith("models:/m-"):
-        source = registry.resolve_source(model_ref)
+        source = refs.resolve_source(model_ref)
         name, version, run_id, uri = source.model_id, None, source.run_id, model_ref
     else:
-        ref = registry.resolve_version(model_ref)
+        ref = refs.resolve_version(model_ref)
         name, version, run_id, uri = ref.name, ref.version, ref.run_id, ref.uri
     out_dir = Path(out_dir or Path("export") / name / (version or ""))
     run = client.get_run(run_id)
-    ds = registry.run_test_data(run, data or None)
-    model = registry.load_keras(uri)
+    ds = refs.run_test_data(run, data or None)
+    model = refs.load_keras(uri)
     x_test = ds.x_test.astype(np.float32)
     reference = model.predict(x_test, batch_size=256, verbose=0).astype(np.float64)
     keras_accuracy = float((reference.argmax(1) == ds.y_test).mean())
@@ -286,7 +286,7 @@ def export(model_ref: str, formats: list[str], quantize: list[str] | None = None
             pick = rng.choice(len(ds.x_train), size=min(REPRESENTATIVE_IMAGES, len(ds.x_train)), replace=False)
             files.update(to_tflite(model, scratch, quantize, ds.x_train[np.sort(pick)]))
         for kind, path in files.items():
-            r = parity(kind, path, reference, predict(kind, path, x_test), ds.y_test, keras_accuracy)
+            r = parity(kind, path, reference, predict_exported(kind, path, x_test), ds.y_test, keras_accuracy)
             if r.passed:
                 final = out_dir / path.name
                 shutil.move(str(path), final)

@@ -42,7 +42,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names) -
     }
 
 
-def predict(model, x: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
+def predict_probs(model, x: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
     """Softmax probabilities of ``model`` on raw pixels, optionally with test-time augmentation.
 
     Args:

@@ -84,5 +84,5 @@ class VotingEnsemble(mlflow.pyfunc.PythonModel):
         return combine([m.predict(x, verbose=0) for m in self.members], self.method, self.weights)
 
 
-if __name__ != "cifarflow.voting":  # loaded by MLflow as a logged model's code
+if __name__ != "cifarflow.evaluation.voting":  # loaded by MLflow as a logged model's code
     mlflow.models.set_model(VotingEnsemble())

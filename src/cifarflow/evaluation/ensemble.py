@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,7 +10,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from cifarflow import evaluate, evaluation, registry, tracking, voting
+from cifarflow import tracking
+from cifarflow.evaluation.metrics import fgsm, predict_probs
+from cifarflow.evaluation import scoring, voting
+from cifarflow.tracking.refs import load_keras, resolve_model, run_test_data
 from cifarflow.errors import CifarflowError
 
 EXPERIMENT = "cifarflow/ensemble"
@@ -72,7 +74,7 @@ def load_members(refs: Sequence[str], data: str | None = None):
     """
     tracking.configure()
     client = mlflow.tracking.MlflowClient()
-    resolved = [evaluate.resolve_model(ref) for ref in refs]
+    resolved = [resolve_model(ref) for ref in refs]
     runs = [client.get_run(run_id) for _, run_id in resolved]
     first = runs[0]
     for ref, run in zip(refs[1:], runs[1:]):
@@ -81,8 +83,8 @@ def load_members(refs: Sequence[str], data: str | None = None):
             if get(run, key) != get(first, key):
                 raise CifarflowError(f"{ref} was trained on other {what} than {refs[0]}",
                                      "ensemble models of the same data and classes")
-    ds = registry.run_test_data(first, data)
-    members = [Member(uri, run, registry.load_keras(uri)) for (uri, _), run in zip(resolved, runs)]
+    ds = run_test_data(first, data)
+    members = [Member(uri, run, load_keras(uri)) for (uri, _), run in zip(resolved, runs)]
     for ref, member in zip(refs, members):
         if member.model.output_shape[-1] != ds.num_classes:
             raise CifarflowError(f"{ref} predicts {member.model.output_shape[-1]} classes, the data has {ds.num_classes}",
@@ -92,10 +94,10 @@ def load_members(refs: Sequence[str], data: str | None = None):
 
 def voting_functions(models: Sequence, method: str, weights: Sequence[float] | None, batch_size: int = 256
                      ) -> tuple[Callable, Callable]:
-    """``(predict, attack)`` of a voting ensemble of Keras models, as :func:`cifarflow.evaluate.score` takes them.
+    """``(predict, attack)`` of a voting ensemble of Keras models, as :func:`cifarflow.evaluation.scoring.score` takes them.
 
     ``predict(images, tta)`` combines the members' probabilities with
-    :func:`cifarflow.voting.combine`. ``attack`` is FGSM against the soft
+    :func:`cifarflow.evaluation.voting.combine`. ``attack`` is FGSM against the soft
     (weighted mean) ensemble, white-box for soft voting; hard voting has no
     useful gradient, so its adversarial images are those of the soft
     ensemble of the same members (a transfer attack).
@@ -104,13 +106,13 @@ def voting_functions(models: Sequence, method: str, weights: Sequence[float] | N
     w = [float(x) for x in w / w.sum()]
 
     def predict(x, tta):
-        return voting.combine([evaluation.predict(m, x, tta=tta, batch_size=batch_size) for m in models], method, w)
+        return voting.combine([predict_probs(m, x, tta=tta, batch_size=batch_size) for m in models], method, w)
 
     def soft(images, training=False):
         return sum(wi * m(images, training=False) for wi, m in zip(w, models))
 
     def attack(x, y, eps):
-        return evaluation.fgsm(soft, x, y, eps)
+        return fgsm(soft, x, y, eps)
 
     return predict, attack
 
@@ -142,7 +144,7 @@ def log_pyfunc(models: Sequence, method: str, weights: Sequence[float], x_exampl
                probs_example: np.ndarray, name: str = "model"):
     """Log the ensemble as an MLflow pyfunc LoggedModel in the active run.
 
-    The model's code is :mod:`cifarflow.voting` (self-contained), its
+    The model's code is :mod:`cifarflow.evaluation.voting` (self-contained), its
     artifacts the members as ``member_<i>.keras``, its config ``method`` and
     ``weights``; the signature is raw pixels float32 (-1, 32, 32, 3) to
     probabilities float32 (-1, C), with one test image as input example. Requirements are pinned to this
@@ -176,9 +178,9 @@ def ensemble(refs: Sequence[str], method: str = "soft", weights: Sequence[float]
 
     Soft voting averages the members' probabilities (weighted); hard voting
     counts their top-1 votes (Dietterich 2000, "Ensemble Methods in Machine
-    Learning"); see :func:`cifarflow.voting.combine`. The run (experiment
+    Learning"); see :func:`cifarflow.evaluation.voting.combine`. The run (experiment
     ``cifarflow/ensemble``, recipe tag ``ensemble``) holds the metrics of
-    :func:`cifarflow.evaluate.evaluate`, ``member_test_accuracy`` (step =
+    :func:`cifarflow.evaluation.evaluator.evaluate`, ``member_test_accuracy`` (step =
     member index), ``params``/``trainable_params``/``train_seconds`` summed
     over the members, the same artifacts, and the pyfunc model (tag
     ``cifarflow.model_uri``), which `cifarflow register` registers as
@@ -188,7 +190,7 @@ def ensemble(refs: Sequence[str], method: str = "soft", weights: Sequence[float]
         refs: two or more model references (see :func:`load_members`).
         method: ``soft`` or ``hard``.
         weights: one per member (equal when None; logged as the param ``weights``).
-        data, tta, fgsm_images, seed, batch_size: as for :func:`cifarflow.evaluate.evaluate`.
+        data, tta, fgsm_images, seed, batch_size: as for :func:`cifarflow.evaluation.evaluator.evaluate`.
 
     Raises:
         CifarflowError: fewer than two models, an unknown method, bad weights,
@@ -198,13 +200,13 @@ def ensemble(refs: Sequence[str], method: str = "soft", weights: Sequence[float]
         raise CifarflowError(f"an ensemble needs two or more models, got {len(refs)}", "pass several model URIs or run ids")
     if method not in voting.METHODS:
         raise CifarflowError(f"unknown voting method '{method}'", "use --method soft or --method hard")
-    evaluate.check_tta(tta)
+    scoring.check_tta(tta)
     weights = parse_weights([",".join(str(w) for w in weights)] if weights else None, len(refs)) or [1.0] * len(refs)
     ds, members = load_members(refs, data)
     models = [m.model for m in members]
     predict, attack = voting_functions(models, method, weights, batch_size)
-    member_probs = [evaluation.predict(m, ds.x_test, batch_size=batch_size) for m in models]  # once, for both uses
-    scored = evaluate.score(ds, predict, attack, tta=tta, fgsm_images=fgsm_images, seed=seed,
+    member_probs = [predict_probs(m, ds.x_test, batch_size=batch_size) for m in models]  # once, for both uses
+    scored = scoring.score(ds, predict, attack, tta=tta, fgsm_images=fgsm_images, seed=seed,
                             probs=voting.combine(member_probs, method, weights))
     member_accuracy = {m.run.info.run_name: float((p.argmax(1) == ds.y_test).mean()) for m, p in zip(members, member_probs)}
 
@@ -221,7 +223,7 @@ def ensemble(refs: Sequence[str], method: str = "soft", weights: Sequence[float]
             **{k: first[k] for k in ("skip_corrupt", "resize", "classes") if k in first},
             "test_images": len(ds.y_test), "tta": tta, "fgsm_images": min(fgsm_images, len(ds.y_test)),
         })
-        evaluate.log_scored(scored, ds)
+        scoring.log_scored(scored, ds)
         for i, acc in enumerate(member_accuracy.values()):
             mlflow.log_metric("member_test_accuracy", acc, step=i)
         totals = {k: sum(m.run.data.metrics.get(k, 0.0) for m in members)

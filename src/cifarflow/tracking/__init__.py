@@ -14,6 +14,9 @@ import keras
 import mlflow
 import numpy as np
 
+from cifarflow.errors import CifarflowError
+from cifarflow.utils import parse_value
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EPOCH_METRICS = (
     "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second",
@@ -140,8 +143,6 @@ def run_tags(recipe: str, dataset_checksum: str) -> dict[str, str]:
 
 
 def _same_value(logged: str, value) -> bool:
-    from cifarflow.config import parse_value
-
     if logged == str(value) or parse_value(logged) == value:
         return True
     try:  # `mlflow run -P weight_decay=5e-4` logs "5e-4"; YAML reads that as a string
@@ -161,8 +162,6 @@ def log_params_once(run_id: str, params: dict) -> None:
     Raises:
         CifarflowError: a logged param has a different value.
     """
-    from cifarflow.errors import CifarflowError
-
     logged = mlflow.tracking.MlflowClient().get_run(run_id).data.params
     differ = [f"{k}: {logged[k]} -> {v}" for k, v in params.items() if k in logged and not _same_value(logged[k], v)]
     if differ:

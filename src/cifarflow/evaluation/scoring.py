@@ -1,9 +1,8 @@
-"""Evaluation runs: score a logged or registered model on its test set and log a linked MLflow run."""
+"""One scoring path: metrics and artifacts of a classifier's test-set probabilities, for training, evaluation and ensembles."""
 
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,30 +11,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from cifarflow import evaluation, plots, registry, tracking
+from cifarflow import plots
 from cifarflow.errors import CifarflowError
+from cifarflow.evaluation.metrics import classification_metrics, expected_calibration_error, reliability_bins, report_csv
 
-EXPERIMENT = "cifarflow/evaluation"
 FGSM_EPS = (2, 8)  # in 1/255 of the pixel range, i.e. pixel units
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def resolve_model(ref: str) -> tuple[str, str]:
-    """``(model_uri, source_run_id)`` of ``models:/m-...``, ``models:/NAME@ALIAS``,
-    ``models:/NAME/VERSION``, ``runs:/<run_id>[/...]`` or a bare run id.
-
-    Raises:
-        CifarflowError: unknown model, version, alias or run.
-    """
-    if ref.startswith("runs:/"):
-        ref = ref.removeprefix("runs:/").split("/", 1)[0]
-    if _RUN_ID.match(ref) or ref.startswith("models:/m-"):
-        source = registry.resolve_source(ref)
-        return source.model_uri, source.run_id
-    version = registry.resolve_version(ref)
-    if not version.run_id:
-        raise CifarflowError(f"registered version {ref} has no source run", "register a run of `cifarflow train`")
-    return version.uri, version.run_id
 
 
 def check_tta(tta: str) -> None:
@@ -72,12 +52,12 @@ def score(ds, predict: Callable[[np.ndarray, str], np.ndarray],
         :class:`Scored`; ``metrics`` as listed in :func:`evaluate`.
     """
     probs = predict(ds.x_test, "none") if probs is None else probs
-    scores = evaluation.classification_metrics(ds.y_test, probs, ds.class_names)
-    bins = evaluation.reliability_bins(ds.y_test, probs)
+    scores = classification_metrics(ds.y_test, probs, ds.class_names)
+    bins = reliability_bins(ds.y_test, probs)
     cm, report = scores["confusion_matrix"], scores["report"]
     metrics = {
         "test_accuracy": scores["accuracy"], "test_loss": scores["nll"], "nll": scores["nll"],
-        "ece": evaluation.expected_calibration_error(ds.y_test, probs),
+        "ece": expected_calibration_error(ds.y_test, probs),
         "macro_precision": report["macro avg"]["precision"], "macro_recall": report["macro avg"]["recall"],
         "macro_f1": scores["macro_f1"],
     }
@@ -109,58 +89,9 @@ def log_scored(scored: Scored, ds) -> None:
         plots.reliability_diagram(scored.bins, metrics["ece"], out / "reliability_diagram.png")
         plots.misclassified_grid(ds.x_test, ds.y_test, scored.probs, ds.class_names, out / "misclassified.png")
         (out / "classification_report.json").write_text(json.dumps(scored.report, indent=2))
-        (out / "classification_report.csv").write_text(evaluation.report_csv(scored.report))
+        (out / "classification_report.csv").write_text(report_csv(scored.report))
         (out / "metrics.md").write_text(format_table(metrics))
         mlflow.log_artifacts(tmp)
-
-
-def evaluate(ref: str, *, data: str | None = None, tta: str = "none", fgsm_images: int = 1000,
-             batch_size: int = 256, seed: int = 0) -> tuple[str, dict[str, float]]:
-    """Evaluate a model on the test split of the data it was trained on and log an MLflow run.
-
-    Metrics: ``test_accuracy``, ``test_loss`` (= ``nll``, mean cross-entropy
-    in nats), ``macro_precision``, ``macro_recall``, ``macro_f1``, ``ece``
-    (15 bins), ``accuracy_<class>`` per class, ``test_accuracy_tta`` with
-    ``tta="flip"``, and ``robust_accuracy_fgsm`` at eps 2/255 and 8/255
-    (logged with step 2 and 8) on a fixed seeded subset of ``fgsm_images``
-    test images. Artifacts: see :func:`log_scored`. The run (experiment
-    ``cifarflow/evaluation``) is tagged ``cifarflow.source_run_id`` and
-    ``cifarflow.model_uri``. A voting ensemble (a run of `cifarflow
-    ensemble`) is scored through its members, as :func:`cifarflow.ensemble.ensemble` does.
-
-    Returns:
-        ``(evaluation_run_id, metrics)``; FGSM figures under
-        ``robust_accuracy_fgsm_<eps>``.
-
-    Raises:
-        CifarflowError: unknown model reference, other test data than the
-            model's, or a ``tta`` other than none/flip.
-    """
-    check_tta(tta)
-    tracking.configure()
-    model_uri, run_id = resolve_model(ref)
-    source = mlflow.tracking.MlflowClient().get_run(run_id)
-    if source.data.tags.get("cifarflow.recipe") == "ensemble":
-        from cifarflow import ensemble
-
-        ds, predict, attack = ensemble.scorer(source.data.params["members"].split(","), source.data.params["method"],
-                                              json.loads(source.data.params["weights"]), data, batch_size)
-    else:
-        ds = registry.run_test_data(source, data)
-        model = registry.load_keras(model_uri)
-        predict = lambda x, mode: evaluation.predict(model, x, tta=mode, batch_size=batch_size)  # noqa: E731
-        attack = lambda x, y, eps: evaluation.fgsm(model, x, y, eps)  # noqa: E731
-    scored = score(ds, predict, attack, tta=tta, fgsm_images=fgsm_images, seed=seed)
-
-    mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=f"evaluate-{source.info.run_name}") as run:
-        mlflow.set_tags({"cifarflow.source_run_id": run_id, "cifarflow.model_uri": model_uri,
-                         "cifarflow.dataset_sha256": ds.checksum,
-                         "cifarflow.recipe": source.data.tags.get("cifarflow.recipe", "")})
-        mlflow.log_params({"model": ref, "tta": tta, "fgsm_images": min(fgsm_images, len(ds.y_test)),
-                           "test_images": len(ds.y_test)})
-        log_scored(scored, ds)
-    return run.info.run_id, scored.metrics
 
 
 def format_table(metrics: dict[str, float]) -> str:

@@ -289,7 +289,7 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
     """
     from optuna_integration import KerasPruningCallback, MLflowCallback
 
-    from cifarflow.train import train
+    from cifarflow.training.trainer import train
 
     overrides = dict(overrides or {})
     cfg.resolve(recipe, overrides)  # fail fast on bad fixed settings

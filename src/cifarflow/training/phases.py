@@ -23,7 +23,7 @@ class Phase:
         name: ``train`` (a plain recipe), ``source`` (source-task pretraining,
             every layer trainable), ``head`` or ``fine_tune``.
         epochs: epochs of this phase.
-        config: the settings :func:`cifarflow.train.make_optimizer` sees
+        config: the settings :func:`cifarflow.training.trainer.make_optimizer` sees
             (optimizer, learning_rate, schedule, epochs of this phase).
     """
 

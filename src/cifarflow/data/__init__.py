@@ -1,0 +1,1 @@
+"""Data: load CIFAR-10-style datasets into arrays (`datasets`) and feed them to Keras as tf.data batches (`pipeline`)."""

@@ -1,0 +1,1 @@
+"""Training: the trainer (`trainer`), its phases (`phases`) and hyperparameter search (`tuning`)."""
