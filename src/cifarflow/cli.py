@@ -11,6 +11,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # model 
 import click  # noqa: E402
 
 from cifarflow.errors import CifarflowError  # noqa: E402
+from cifarflow.evaluation.metrics import TTA_MODES  # noqa: E402
 
 
 def _import_tensorflow_quietly() -> None:
@@ -139,7 +140,7 @@ def tune(recipe, study_name, trials, storage, space_path, timeout, n_jobs, heart
 @cli.command("evaluate")
 @click.argument("model_ref", metavar="MODEL")
 @click.option("--data", default=None, help="The model's data at another path (checked by sha256).")
-@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+@click.option("--tta", type=click.Choice(list(TTA_MODES)), default="none", show_default=True,
               help="Also score the average of each image and its mirror.")
 @click.option("--fgsm-images", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Size of the fixed test subset for FGSM robustness.")
@@ -177,7 +178,7 @@ def compare_command(experiments, metric, out, latency) -> None:
               help="soft: average the probabilities; hard: majority vote of the top classes.")
 @click.option("--weights", multiple=True, metavar="W[,W...]", help="One weight per model (default equal): --weights 2,1.")
 @click.option("--data", default=None, help="The models' data at another path (checked by sha256).")
-@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+@click.option("--tta", type=click.Choice(list(TTA_MODES)), default="none", show_default=True,
               help="Also score the average of each image and its mirror.")
 @click.option("--fgsm-images", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Size of the fixed test subset for FGSM robustness.")

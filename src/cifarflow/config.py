@@ -70,7 +70,7 @@ class TrainConfig(pydantic.BaseModel):
     mix_prob: float = pydantic.Field(1.0, ge=0, le=1)
 
     # evaluation and numerics
-    tta: Literal["none", "flip"] = "none"
+    tta: Literal["none", "flip", "multiview"] = "none"  # multiview: 6 views (airbench94), see predict_probs
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
 
     # two-phase transfer learning (models with a backbone; both None: one phase of `epochs`).

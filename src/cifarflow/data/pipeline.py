@@ -15,8 +15,9 @@ def augmentation(config: TrainConfig, seed: int = 42, image_size: int = 32) -> k
     """Keras preprocessing layers for the training split, or None when all are off.
 
     Default CIFAR-10 augmentation (He et al. 2016): translate by up to
-    ``crop_padding`` pixels with zero fill (the same distribution as padding 4
-    pixels and taking a random 32x32 crop) and a random horizontal flip.
+    ``crop_padding`` pixels with zero fill and a random horizontal flip. The shift
+    is uniform over [-crop_padding, crop_padding] rounded to whole pixels, so the two
+    extreme shifts are half as likely as with padding and a random crop.
     Options: ``rotation`` (fraction of a full turn), ``shift`` (fraction of the
     size, reflected fill), ``zoom`` (fraction), ``brightness`` (fraction of the
     0..255 range), ``contrast`` (factor), RandAugment (Cubuk et al. 2020) with
@@ -29,7 +30,8 @@ def augmentation(config: TrainConfig, seed: int = 42, image_size: int = 32) -> k
     steps: list[keras.layers.Layer] = []
     if config.crop_padding:
         f = config.crop_padding / image_size
-        steps.append(L.RandomTranslation(f, f, fill_mode="constant", interpolation="nearest", seed=seed, name="pad_crop", dtype=F32))
+        steps.append(L.RandomTranslation(f, f, fill_mode="constant", interpolation="nearest", seed=seed,
+                                         name="pad_crop", dtype=F32))
     if config.flip:
         steps.append(L.RandomFlip("horizontal", seed=seed + 1, name="flip", dtype=F32))
     if config.rotation:
@@ -105,6 +107,39 @@ def mixing(config: TrainConfig, seed: int = 42) -> list[keras.layers.Layer]:
     return layers
 
 
+class AlternatingFlip(keras.callbacks.Callback):
+    """Derandomized horizontal flip ("alternating flip", Jordan 2024, arXiv 2404.00498;
+    legacy/airbench94.py L131-147 in KellerJordan/cifar10-airbench).
+
+    :meth:`prepare` mirrors a seeded random half of the training images once; then
+    on every odd epoch the input pipeline mirrors all of them (:meth:`__call__`). Each
+    image thus alternates between its two orientations from one epoch to the next,
+    instead of a coin deciding each epoch. As a ``fit`` callback it keeps the
+    pipeline's epoch equal to ``fit``'s (a resumed run's included); the pipeline
+    reads it when an epoch's iteration starts.
+
+    Args:
+        seed: seed of the half mirrored once.
+    """
+
+    def __init__(self, seed: int = 42):
+        super().__init__()
+        self.seed = seed
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="alternating_flip_epoch")
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        """``x`` (N, H, W, C) with a seeded random half of the images mirrored (a copy)."""
+        mirror = np.random.default_rng(self.seed).random(len(x)) < 0.5
+        return np.where(mirror[:, None, None, None], x[:, :, ::-1], x)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch.assign(epoch)
+
+    def __call__(self, images: tf.Tensor) -> tf.Tensor:
+        """A batch (B, H, W, C), mirrored when the current epoch is odd."""
+        return tf.cond(self.epoch % 2 == 1, lambda: tf.reverse(images, axis=[2]), lambda: images)
+
+
 def make_dataset(
     x: np.ndarray,
     y: np.ndarray,
@@ -114,6 +149,7 @@ def make_dataset(
     training: bool,
     augment: keras.layers.Pipeline | None = None,
     mix: list[keras.layers.Layer] | None = None,
+    alternate: AlternatingFlip | None = None,
     seed: int = 42,
 ) -> tf.data.Dataset:
     """Batches of ``(pixels, one_hot)`` for ``model.fit`` / ``evaluate``.
@@ -125,6 +161,9 @@ def make_dataset(
         batch_size: images per batch (the last batch may be smaller).
         training: shuffle every epoch (seeded) and apply ``augment``.
         augment: layers from :func:`augmentation`, applied per batch.
+        alternate: an :class:`AlternatingFlip` (training only), applied before
+            ``augment``; ``x`` must come from its :meth:`~AlternatingFlip.prepare` and
+            it must be among ``fit``'s callbacks.
         mix: layers from :func:`mixing`, applied per batch after ``augment``
             (training only); labels become soft, each row still summing to 1.
         seed: shuffle seed.
@@ -142,6 +181,8 @@ def make_dataset(
         return tf.cast(images, tf.float32), tf.one_hot(labels, num_classes)
 
     ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+    if training and alternate is not None:
+        ds = ds.map(lambda i, l: (alternate(i), l), num_parallel_calls=tf.data.AUTOTUNE)
     if training and augment is not None:
         ds = ds.map(lambda i, l: (augment(i, training=True), l), num_parallel_calls=tf.data.AUTOTUNE)
     if training and mix:

@@ -42,14 +42,45 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names) -
     }
 
 
+TTA_MODES = ("none", "flip", "multiview")
+TTA_VIEWS = {"none": 1, "flip": 2, "multiview": 6}  # forward passes per image
+
+
+def multiview(x: np.ndarray) -> list[tuple[float, np.ndarray]]:
+    """The six weighted views of airbench94's test-time augmentation (``tta_level=2``,
+    legacy/airbench94.py L307-334 in KellerJordan/cifar10-airbench; Jordan 2024,
+    arXiv 2404.00498, "Multi-crop evaluation").
+
+    The image and its mirror (weight 1/4 each), and both of them shifted by one
+    pixel down-right and by one pixel up-left with reflected borders (weight 1/8
+    each): the unshifted pair carries half the weight, the two shifted pairs the
+    other half.
+
+    Args:
+        x: images (N, H, W, C).
+
+    Returns:
+        ``[(weight, views), ...]``: six entries, weights summing to 1, views shaped like ``x``.
+    """
+    h, w = x.shape[1:3]
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")  # edge not repeated, as PyTorch's
+    views = []
+    for weight, view in ((0.25, x), (0.125, padded[:, 0:h, 0:w]), (0.125, padded[:, 2:h + 2, 2:w + 2])):
+        views += [(weight, view), (weight, view[:, :, ::-1])]
+    return views
+
+
 def predict_probs(model, x: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
     """Softmax probabilities of ``model`` on raw pixels, optionally with test-time augmentation.
 
     Args:
         model: a Keras model (raw 0..255 pixels in, probabilities out).
         x: images (N, 32, 32, 3), uint8 or float32, 0..255.
-        tta: ``"none"``, or ``"flip"`` to average the probabilities of each
-            image and its horizontal mirror.
+        tta: ``"none"``; ``"flip"`` to average the probabilities of each image and
+            its horizontal mirror; ``"multiview"`` for the six views of
+            :func:`multiview`, combined as airbench94 does, by the weighted mean of
+            their logits (here log-probabilities, which differ from the logits by a
+            constant per view, so the softmax of the mean is the same).
         batch_size: images per forward pass.
 
     Returns:
@@ -59,11 +90,16 @@ def predict_probs(model, x: np.ndarray, tta: str = "none", batch_size: int = 256
         ValueError: unknown ``tta``.
     """
     x = np.asarray(x, dtype=np.float32)
+    if tta == "multiview":
+        logp = sum(weight * np.log(np.maximum(model.predict(view, batch_size=batch_size, verbose=0), 1e-30))
+                   for weight, view in multiview(x))
+        probs = np.exp(logp - logp.max(axis=1, keepdims=True))
+        return np.asarray(probs / probs.sum(axis=1, keepdims=True), dtype=np.float32)
     probs = model.predict(x, batch_size=batch_size, verbose=0)
     if tta == "flip":
         probs = (probs + model.predict(x[:, :, ::-1, :], batch_size=batch_size, verbose=0)) / 2
     elif tta != "none":
-        raise ValueError(f"unknown tta '{tta}' (use none or flip)")
+        raise ValueError(f"unknown tta '{tta}' (use {', '.join(TTA_MODES)})")
     return np.asarray(probs, dtype=np.float32)
 
 

@@ -13,15 +13,16 @@ import numpy as np
 
 from cifarflow import plots
 from cifarflow.errors import CifarflowError
-from cifarflow.evaluation.metrics import classification_metrics, expected_calibration_error, reliability_bins, report_csv
+from cifarflow.evaluation.metrics import (TTA_MODES, classification_metrics, expected_calibration_error, reliability_bins,
+                                          report_csv)
 
 FGSM_EPS = (2, 8)  # in 1/255 of the pixel range, i.e. pixel units
 
 
 def check_tta(tta: str) -> None:
-    """Raises CifarflowError unless ``tta`` is ``none`` or ``flip``."""
-    if tta not in ("none", "flip"):
-        raise CifarflowError(f"unknown tta '{tta}'", "use --tta none or --tta flip")
+    """Raises CifarflowError unless ``tta`` is one of :data:`metrics.TTA_MODES`."""
+    if tta not in TTA_MODES:
+        raise CifarflowError(f"unknown tta '{tta}'", f"use --tta {' or --tta '.join(TTA_MODES)}")
 
 
 @dataclass
@@ -44,7 +45,7 @@ def score(ds, predict: Callable[[np.ndarray, str], np.ndarray],
         ds: a ``cifarflow.data.Dataset`` (``x_test`` uint8 (N, 32, 32, 3), ``y_test`` int (N,)).
         predict: ``predict(images, tta) -> probabilities (N, C)``.
         attack: ``attack(images, labels, eps) -> adversarial images`` (FGSM, eps in pixel units).
-        tta: ``none``, or ``flip`` to add ``test_accuracy_tta``.
+        tta: ``none``, or ``flip`` / ``multiview`` to add ``test_accuracy_tta``.
         fgsm_images: size of the fixed subset (seeded by ``seed``) the FGSM figures use.
         probs: ``predict(ds.x_test, "none")`` when the caller already has it.
 
@@ -63,8 +64,8 @@ def score(ds, predict: Callable[[np.ndarray, str], np.ndarray],
     }
     per_class = cm.diagonal() / np.maximum(cm.sum(axis=1), 1)
     metrics.update({f"accuracy_{name}": float(a) for name, a in zip(ds.class_names, per_class)})
-    if tta == "flip":
-        metrics["test_accuracy_tta"] = float((predict(ds.x_test, "flip").argmax(1) == ds.y_test).mean())
+    if tta != "none":
+        metrics["test_accuracy_tta"] = float((predict(ds.x_test, tta).argmax(1) == ds.y_test).mean())
     subset = np.sort(np.random.default_rng(seed).permutation(len(ds.y_test))[:fgsm_images])
     for eps in FGSM_EPS:
         adversarial = attack(ds.x_test[subset], ds.y_test[subset], eps)

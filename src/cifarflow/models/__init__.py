@@ -10,6 +10,7 @@ import pydantic
 
 from cifarflow.errors import CifarflowError
 from cifarflow.models.cnn import build_cnn
+from cifarflow.models.fast import build_fast, initialize_from_data as _init_fast
 from cifarflow.models.plain import build_simple5, build_vgg10
 from cifarflow.models.resnet import build_resnet, build_wrn
 from cifarflow.models.transfer import (build_efficientnetb0, build_efficientnetv2b0, build_mobilenetv2,
@@ -27,7 +28,10 @@ BUILDERS: dict[str, Callable[..., keras.Model]] = {
     "efficientnetv2b0": build_efficientnetv2b0,
     "efficientnetb0": build_efficientnetb0,
     "resnet50v2": build_resnet50v2,
+    "fast": build_fast,
 }
+# Data-dependent initialisation after building: builder name -> f(model, sample raw pixels (N, 32, 32, 3)).
+DATA_INIT: dict[str, Callable[[keras.Model, "np.ndarray"], None]] = {"fast": _init_fast}
 # Arguments the trainer supplies from the data, never from a recipe.
 DATA_ARGUMENTS = ("num_classes", "mean", "std")
 
@@ -106,3 +110,22 @@ def build(name: str, *, num_classes: int, mean=None, std=None, **params) -> kera
         return builder(name)(num_classes=num_classes, mean=mean, std=std, **typed)
     except ValueError as exc:  # a builder's own shape checks, e.g. ResNet depth 6n+2
         raise CifarflowError(f"cannot build '{name}': {exc}", "fix the model parameters in the recipe or --set/-P") from None
+
+
+def initialize(name: str, model: keras.Model, x_sample) -> bool:
+    """Run the data-dependent initialisation of builder ``name`` (if it has one) on ``model``.
+
+    Args:
+        name: builder name.
+        model: a model that builder made.
+        x_sample: uint8 or float raw pixels (N, 32, 32, 3), a random sample of the
+            training images (e.g. the fast net's whitening layer: 5,000 images).
+
+    Returns:
+        True when the builder has one and it ran.
+    """
+    init = DATA_INIT.get(name)
+    if init is None:
+        return False
+    init(model, x_sample)
+    return True
