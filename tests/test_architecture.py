@@ -113,3 +113,9 @@ def test_module_names_in_code_exist():
                 named = [n.value for n in [node.left, *node.comparators]
                          if isinstance(n, ast.Constant) and str(n.value).startswith("cifarflow")]
                 assert all(n in MODULES for n in named), (name, named)
+
+
+def test_the_trainer_does_not_know_model_families():
+    """Transfer specifics reach the trainer only through the training plan it is handed."""
+    assert not {"cifarflow.models.transfer", "cifarflow.training.transfer"} & GRAPH["cifarflow.training.trainer"]
+    assert "cifarflow.training.plans" in GRAPH["cifarflow.training.trainer"]

@@ -79,6 +79,12 @@ def test_evaluate_command_logs_a_linked_run(train_data, capsys):
     assert run.data.tags["cifarflow.model_uri"] == trained.model_uri
     m = run.data.metrics
     assert m["test_accuracy"] == pytest.approx(trained.metrics["test_accuracy"])
+    # one scoring path: test_loss is the test NLL in the training run and in the evaluation run alike
+    logged = mlflow.tracking.MlflowClient().get_run(trained.run_id).data.metrics
+    assert cfg.label_smoothing > 0  # the training objective (label-smoothed) is not what test_loss reports
+    assert abs(m["test_loss"] - logged["test_loss"]) < 1e-6 and abs(m["test_loss"] - trained.metrics["test_loss"]) < 1e-6
+    assert logged["test_loss"] == logged["nll"] and m["test_loss"] == m["nll"]
+    assert "robust_accuracy_fgsm" not in logged  # training scores without FGSM, evaluation adds it
     assert {"ece", "nll", "macro_precision", "macro_recall", "macro_f1", "test_accuracy_tta",
             "accuracy_cat", "accuracy_dog", "accuracy_ship"} <= set(m)
     steps = sorted(x.step for x in mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id,

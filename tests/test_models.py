@@ -49,3 +49,24 @@ def test_unknown_model_and_parameter():
         models.build("vgg99", num_classes=10)
     with pytest.raises(CifarflowError, match=r"unknown parameter\(s\) \['filters'\]"):
         models.build("cnn", num_classes=10, filters=3)
+
+
+def test_builders_take_only_the_data_arguments_they_use():
+    """Pixel statistics go to builders with a normalization layer; transfer builders apply their backbone's own."""
+    import ast
+    import inspect
+
+    for name in models.BUILDERS:
+        make = models.builder(name)
+        takes = {"mean", "std"} & set(inspect.signature(make).parameters)
+        if name in models.transfer.BACKBONES:
+            assert not takes, name
+        if not takes:
+            continue
+        body = ast.parse(inspect.getsource(inspect.getmodule(make)))
+        fn = next(n for n in ast.walk(body) if isinstance(n, ast.FunctionDef) and n.name == make.__name__)
+        used = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
+        assert {"mean", "std"} <= used, name  # taken and used
+    model = models.build("mobilenetv2", num_classes=3, resolution=32, weights=None, alpha=0.35,
+                         mean=[1.0, 2.0, 3.0], std=[1.0, 1.0, 1.0])  # the trainer passes them to every builder
+    assert model.output_shape == (None, 3)

@@ -67,7 +67,7 @@ def collect(experiments: list[str] | None = None, metric: str = "test_accuracy",
     Returns:
         Rows with the :data:`COLUMNS` keys (None where a run lacks a figure),
         best first; tuning trials are left out. ``train_val_gap`` is last ``train_accuracy`` minus last
-        ``val_accuracy``; ``ece`` is the run's own (an ensemble's), else that of the
+        ``val_accuracy``; ``ece`` is the run's own (training runs and ensembles log one), else that of the
         newest ``cifarflow evaluate`` run of the model, if any; ``images_per_second`` is the median over epochs.
 
     Raises:

@@ -92,8 +92,8 @@ def load_members(refs: Sequence[str], data: str | None = None):
     return ds, members
 
 
-def voting_functions(models: Sequence, method: str, weights: Sequence[float] | None, batch_size: int = 256
-                     ) -> tuple[Callable, Callable]:
+def voting_functions(models: Sequence, method: str, weights: Sequence[float] | None,
+                     batch_size: int = scoring.BATCH_SIZE) -> tuple[Callable, Callable]:
     """``(predict, attack)`` of a voting ensemble of Keras models, as :func:`cifarflow.evaluation.scoring.score` takes them.
 
     ``predict(images, tta)`` combines the members' probabilities with
@@ -118,7 +118,7 @@ def voting_functions(models: Sequence, method: str, weights: Sequence[float] | N
 
 
 def scorer(refs: Sequence[str], method: str, weights: Sequence[float] | None, data: str | None = None,
-           batch_size: int = 256):
+           batch_size: int = scoring.BATCH_SIZE):
     """``(dataset, predict, attack)`` of the ensemble of ``refs`` (see :func:`load_members`, :func:`voting_functions`)."""
     ds, members = load_members(refs, data)
     return (ds, *voting_functions([m.model for m in members], method, weights, batch_size))
@@ -173,7 +173,7 @@ def log_pyfunc(models: Sequence, method: str, weights: Sequence[float], x_exampl
 
 def ensemble(refs: Sequence[str], method: str = "soft", weights: Sequence[float] | None = None, *,
              data: str | None = None, tta: str = "none", fgsm_images: int = 1000, seed: int = 0,
-             batch_size: int = 256) -> EnsembleResult:
+             batch_size: int = scoring.BATCH_SIZE) -> EnsembleResult:
     """Combine logged models by voting, score the ensemble like one model and log it.
 
     Soft voting averages the members' probabilities (weighted); hard voting

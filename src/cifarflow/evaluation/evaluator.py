@@ -8,21 +8,19 @@ import mlflow
 
 from cifarflow import tracking
 from cifarflow.evaluation import ensemble
-from cifarflow.evaluation.metrics import fgsm, predict_probs
-from cifarflow.evaluation.scoring import check_tta, log_scored, score
+from cifarflow.evaluation.scoring import BATCH_SIZE, check_tta, keras_functions, log_scored, score
 from cifarflow.tracking.refs import load_keras, resolve_model, run_test_data
 
 EXPERIMENT = "cifarflow/evaluation"
 
 
 def evaluate(ref: str, *, data: str | None = None, tta: str = "none", fgsm_images: int = 1000,
-             batch_size: int = 256, seed: int = 0) -> tuple[str, dict[str, float]]:
+             batch_size: int = BATCH_SIZE, seed: int = 0) -> tuple[str, dict[str, float]]:
     """Evaluate a model on the test split of the data it was trained on and log an MLflow run.
 
-    Metrics: ``test_accuracy``, ``test_loss`` (= ``nll``, mean cross-entropy
-    in nats), ``macro_precision``, ``macro_recall``, ``macro_f1``, ``ece``
-    (15 bins), ``accuracy_<class>`` per class, ``test_accuracy_tta`` with
-    ``tta="flip"``, and ``robust_accuracy_fgsm`` at eps 2/255 and 8/255
+    Metrics: those of :func:`cifarflow.evaluation.scoring.score` (``test_loss``
+    = ``nll``, the test negative log-likelihood, as the training run logged it),
+    with ``robust_accuracy_fgsm`` at eps 2/255 and 8/255
     (logged with step 2 and 8) on a fixed seeded subset of ``fgsm_images``
     test images. Artifacts: see :func:`log_scored`. The run (experiment
     ``cifarflow/evaluation``) is tagged ``cifarflow.source_run_id`` and
@@ -46,9 +44,7 @@ def evaluate(ref: str, *, data: str | None = None, tta: str = "none", fgsm_image
                                               json.loads(source.data.params["weights"]), data, batch_size)
     else:
         ds = run_test_data(source, data)
-        model = load_keras(model_uri)
-        predict = lambda x, mode: predict_probs(model, x, tta=mode, batch_size=batch_size)  # noqa: E731
-        attack = lambda x, y, eps: fgsm(model, x, y, eps)  # noqa: E731
+        predict, attack = keras_functions(load_keras(model_uri), batch_size)
     scored = score(ds, predict, attack, tta=tta, fgsm_images=fgsm_images, seed=seed)
 
     mlflow.set_experiment(EXPERIMENT)

@@ -13,10 +13,11 @@ import numpy as np
 
 from cifarflow import plots
 from cifarflow.errors import CifarflowError
-from cifarflow.evaluation.metrics import (TTA_MODES, classification_metrics, expected_calibration_error, reliability_bins,
-                                          report_csv)
+from cifarflow.evaluation.metrics import (TTA_MODES, classification_metrics, expected_calibration_error, fgsm,
+                                         predict_probs, reliability_bins, report_csv)
 
 FGSM_EPS = (2, 8)  # in 1/255 of the pixel range, i.e. pixel units
+BATCH_SIZE = 256  # images per forward pass when scoring (training, evaluation and ensembles alike)
 
 
 def check_tta(tta: str) -> None:
@@ -36,21 +37,40 @@ class Scored:
     bins: list  # reliability bins, see evaluation.reliability_bins
 
 
+def keras_functions(model, batch_size: int = BATCH_SIZE) -> tuple[Callable, Callable]:
+    """``(predict, attack)`` of one Keras model (raw 0..255 pixels in, probabilities out), as :func:`score` takes them."""
+    def predict(x, tta):
+        return predict_probs(model, x, tta=tta, batch_size=batch_size)
+
+    def attack(x, y, eps):
+        return fgsm(model, x, y, eps)
+
+    return predict, attack
+
+
 def score(ds, predict: Callable[[np.ndarray, str], np.ndarray],
-          attack: Callable[[np.ndarray, np.ndarray, float], np.ndarray], *, tta: str = "none",
+          attack: Callable[[np.ndarray, np.ndarray, float], np.ndarray] | None, *, tta: str = "none",
           fgsm_images: int = 1000, seed: int = 0, probs: np.ndarray | None = None) -> Scored:
-    """Score a classifier on ``ds``'s test split.
+    """Score a classifier on ``ds``'s test split: the one scoring path of training, evaluation and ensembles.
+
+    Metrics: ``test_accuracy``; ``test_loss`` and ``nll`` (the same number:
+    mean negative log-likelihood of the true class, nats, of the probabilities
+    as they are: no label smoothing, no weight penalty); ``ece`` (15 bins);
+    ``macro_precision``, ``macro_recall``, ``macro_f1``; ``accuracy_<class>``
+    per class; ``test_accuracy_tta`` with ``tta`` ``flip`` or ``multiview``;
+    ``robust_accuracy_fgsm_<eps>`` for eps 2 and 8 (pixel units) when
+    ``fgsm_images`` > 0 and ``attack`` is given.
 
     Args:
-        ds: a ``cifarflow.data.Dataset`` (``x_test`` uint8 (N, 32, 32, 3), ``y_test`` int (N,)).
+        ds: a ``cifarflow.data.datasets.Dataset`` (``x_test`` uint8 (N, 32, 32, 3), ``y_test`` int (N,)).
         predict: ``predict(images, tta) -> probabilities (N, C)``.
-        attack: ``attack(images, labels, eps) -> adversarial images`` (FGSM, eps in pixel units).
+        attack: ``attack(images, labels, eps) -> adversarial images`` (FGSM, eps in pixel units), or None.
         tta: ``none``, or ``flip`` / ``multiview`` to add ``test_accuracy_tta``.
-        fgsm_images: size of the fixed subset (seeded by ``seed``) the FGSM figures use.
+        fgsm_images: size of the fixed subset (seeded by ``seed``) the FGSM figures use; 0 for none.
         probs: ``predict(ds.x_test, "none")`` when the caller already has it.
 
     Returns:
-        :class:`Scored`; ``metrics`` as listed in :func:`evaluate`.
+        :class:`Scored`.
     """
     probs = predict(ds.x_test, "none") if probs is None else probs
     scores = classification_metrics(ds.y_test, probs, ds.class_names)
@@ -66,6 +86,8 @@ def score(ds, predict: Callable[[np.ndarray, str], np.ndarray],
     metrics.update({f"accuracy_{name}": float(a) for name, a in zip(ds.class_names, per_class)})
     if tta != "none":
         metrics["test_accuracy_tta"] = float((predict(ds.x_test, tta).argmax(1) == ds.y_test).mean())
+    if not fgsm_images or attack is None:
+        return Scored(metrics, probs, cm, report, bins)
     subset = np.sort(np.random.default_rng(seed).permutation(len(ds.y_test))[:fgsm_images])
     for eps in FGSM_EPS:
         adversarial = attack(ds.x_test[subset], ds.y_test[subset], eps)
@@ -76,13 +98,13 @@ def score(ds, predict: Callable[[np.ndarray, str], np.ndarray],
 def log_scored(scored: Scored, ds) -> None:
     """Log :func:`score`'s metrics and artifacts to the active MLflow run.
 
-    FGSM figures are logged as ``robust_accuracy_fgsm`` with step = eps (2
+    FGSM figures (when scored) are logged as ``robust_accuracy_fgsm`` with step = eps (2
     and 8); artifacts: ``confusion_matrix.png``, ``reliability_diagram.png``,
     ``misclassified.png``, ``classification_report.json``/``.csv``, ``metrics.md``.
     """
     metrics = scored.metrics
     mlflow.log_metrics({k: v for k, v in metrics.items() if not k.startswith("robust_accuracy_fgsm_")})
-    for eps in FGSM_EPS:
+    for eps in (e for e in FGSM_EPS if f"robust_accuracy_fgsm_{e}" in metrics):
         mlflow.log_metric("robust_accuracy_fgsm", metrics[f"robust_accuracy_fgsm_{eps}"], step=eps)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

@@ -98,7 +98,9 @@ def build(name: str, *, num_classes: int, mean=None, std=None, **params) -> kera
         name: builder name, e.g. ``"cnn"``.
         num_classes: number of output classes.
         mean, std: per-channel statistics of the training pixels on the 0..255
-            scale, for the normalization layer inside the model.
+            scale, for the normalization layer inside the model; passed only to
+            builders that take them (transfer models apply their backbone's own
+            preprocessing instead).
         **params: builder parameters (validated by :func:`resolve_params`).
 
     Raises:
@@ -107,7 +109,9 @@ def build(name: str, *, num_classes: int, mean=None, std=None, **params) -> kera
     """
     typed = resolve_params(name, params)
     try:
-        return builder(name)(num_classes=num_classes, mean=mean, std=std, **typed)
+        make = builder(name)
+        data = {k: v for k, v in (("mean", mean), ("std", std)) if k in inspect.signature(make).parameters}
+        return make(num_classes=num_classes, **data, **typed)
     except ValueError as exc:  # a builder's own shape checks, e.g. ResNet depth 6n+2
         raise CifarflowError(f"cannot build '{name}': {exc}", "fix the model parameters in the recipe or --set/-P") from None
 

@@ -16,7 +16,7 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Annotated, Sequence
+from typing import Annotated
 
 import keras
 import numpy as np
@@ -215,23 +215,21 @@ def build_transfer(
 
 def build_mobilenetv2(num_classes: int = 10, resolution: Resolution = 224, weights: str | None = "imagenet",
                       alpha: Width = 1.0, batch_norm: bool = True, dropout: Rate = 0.2, dense_units: int = 0,
-                      l2: float = 1e-4, mean: Sequence[float] | None = None,
-                      std: Sequence[float] | None = None) -> keras.Model:
-    """MobileNetV2 (Sandler et al. 2018) transfer model; see :func:`build_transfer`.
-    ``mean``/``std`` are unused: the backbone's own preprocessing applies."""
+                      l2: float = 1e-4) -> keras.Model:
+    """MobileNetV2 (Sandler et al. 2018) transfer model; see :func:`build_transfer` (the backbone's own
+    preprocessing applies, so it takes no pixel statistics)."""
     return build_transfer("mobilenetv2", num_classes, resolution, weights, alpha, batch_norm, dropout,
                           dense_units, l2)
 
 
 def _fixed_width(backbone: str):
     def build(num_classes: int = 10, resolution: Resolution = 224, weights: str | None = "imagenet",
-              batch_norm: bool = True, dropout: Rate = 0.2, dense_units: int = 0, l2: float = 1e-4,
-              mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> keras.Model:
+              batch_norm: bool = True, dropout: Rate = 0.2, dense_units: int = 0, l2: float = 1e-4) -> keras.Model:
         return build_transfer(backbone, num_classes, resolution, weights, 1.0, batch_norm, dropout, dense_units, l2)
 
     build.__name__ = f"build_{backbone}"
-    build.__doc__ = (f"{_APPS[backbone][0]} transfer model; see :func:`build_transfer`. "
-                     "``mean``/``std`` are unused: the backbone's own preprocessing applies.")
+    build.__doc__ = (f"{_APPS[backbone][0]} transfer model; see :func:`build_transfer` (the backbone's own "
+                     "preprocessing applies, so it takes no pixel statistics).")
     return build
 
 

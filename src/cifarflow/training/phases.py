@@ -1,18 +1,22 @@
-"""Training phases: one phase for most recipes; head then fine-tune for transfer recipes.
+"""Training plans: the phases a run fits and the hooks around them, whatever the model.
 
-A phase names what is trainable and which optimizer settings apply; the
-trainer runs the phases in order in one MLflow run, the epoch index (the
-metrics' step) counting on across phases.
+A plan is a list of phases plus three hooks. The trainer runs every plan the same
+way: :meth:`TrainingPlan.tags` once the model is built, :meth:`TrainingPlan.before_fit`,
+then each phase (``phase.prepare(model)``, compile with ``phase.config``, fit; the
+epoch index, the metrics' step, counting on across phases), the best weights restored,
+then :meth:`TrainingPlan.after_fit`. Most recipes have the default plan, one phase
+``train`` of the recipe's epochs; a model family may have its own (transfer models:
+:mod:`cifarflow.training.transfer`), looked up by :func:`cifarflow.training.plans.plan`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import keras
 
 from cifarflow.config import TrainConfig
-from cifarflow.models import transfer
 
 
 @dataclass(frozen=True)
@@ -20,51 +24,38 @@ class Phase:
     """One ``fit`` of the trainer.
 
     Attributes:
-        name: ``train`` (a plain recipe), ``source`` (source-task pretraining,
-            every layer trainable), ``head`` or ``fine_tune``.
+        name: ``train`` for a one-phase plan; a family's own names otherwise
+            (e.g. ``head``, ``fine_tune``, ``source``), logged as tag ``cifarflow.phase``.
         epochs: epochs of this phase.
         config: the settings :func:`cifarflow.training.trainer.make_optimizer` sees
             (optimizer, learning_rate, schedule, epochs of this phase).
+        prepare: sets what is trainable before the phase is compiled; returns
+            layer counts to log as metrics at the phase's first epoch (may be empty).
     """
 
     name: str
     epochs: int
     config: TrainConfig
+    prepare: Callable[[keras.Model], dict[str, int]] = field(default=lambda model: {}, compare=False)
 
 
-def plan(config: TrainConfig) -> list[Phase]:
-    """The phases of a recipe; phases of 0 epochs are left out.
+@dataclass
+class TrainingPlan:
+    """The phases of a run; the hooks do nothing in this default plan."""
 
-    Two-phase recipes: ``head`` (the recipe's optimizer, learning rate and
-    schedule over ``head_epochs``), then ``fine_tune`` (SGD with the recipe's
-    momentum/nesterov/weight decay, cosine decay from ``fine_tune_learning_rate``
-    to 0 over ``fine_tune_epochs``, no warmup).
-    """
-    if not config.two_phase:
-        return [Phase("source" if config.source_task else "train", config.epochs, config)]
-    head = config.model_copy(update={"epochs": config.head_epochs})
-    tune = config.model_copy(update={
-        "epochs": config.fine_tune_epochs, "optimizer": "sgd", "learning_rate": config.fine_tune_learning_rate,
-        "schedule": "cosine", "warmup_epochs": 0.0, "min_learning_rate": 0.0,
-    })
-    return [p for p in (Phase("head", config.head_epochs, head), Phase("fine_tune", config.fine_tune_epochs, tune))
-            if p.epochs]
+    phases: list[Phase]
+
+    def tags(self, model: keras.Model) -> dict[str, str]:
+        """Run tags known once the model is built (before training)."""
+        return {}
+
+    def before_fit(self, model: keras.Model, train_ds) -> None:
+        """Called in the run before the first phase, with the training batches (a ``tf.data.Dataset``)."""
+
+    def after_fit(self, model: keras.Model, run_id: str) -> None:
+        """Called in the run after the last phase, once the best weights are restored, before scoring."""
 
 
-def prepare(model: keras.Model, phase: Phase) -> dict[str, int]:
-    """Set what ``phase`` trains (before compiling); returns the layer counts to log.
-
-    ``head``: backbone frozen. ``fine_tune``: top ``fine_tune_layers`` (else
-    ``fine_tune_fraction``) of the backbone unfrozen, BatchNormalization kept
-    frozen (inference mode). ``source``: everything trainable. ``train``: as built.
-    """
-    if phase.name == "head":
-        transfer.freeze_backbone(model)
-        base = transfer.backbone_of(model)
-        return {"frozen_layers": len(base.layers) - 1, "unfrozen_layers": 0}
-    if phase.name == "fine_tune":
-        frozen, unfrozen = transfer.unfreeze_top(model, phase.config.fine_tune_fraction, phase.config.fine_tune_layers)
-        return {"frozen_layers": frozen, "unfrozen_layers": unfrozen}
-    if phase.name == "source":
-        transfer.unfreeze_all(model)
-    return {}
+def single_phase(config: TrainConfig) -> TrainingPlan:
+    """The default plan: one phase ``train`` of ``config.epochs``, the model trained as built."""
+    return TrainingPlan([Phase("train", config.epochs, config)])

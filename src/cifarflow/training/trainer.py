@@ -21,10 +21,9 @@ from cifarflow import models, plots, tracking
 from cifarflow.config import TrainConfig
 from cifarflow.data import datasets, pipeline
 from cifarflow.errors import CifarflowError
-from cifarflow.evaluation.metrics import classification_metrics, predict_probs, report_csv
-from cifarflow.models import transfer
-from cifarflow.training import phases
-from cifarflow.utils import sha256_file
+from cifarflow.evaluation import scoring
+from cifarflow.training import plans
+from cifarflow.training.phases import TrainingPlan
 
 
 @dataclass(frozen=True)
@@ -184,26 +183,62 @@ def train(config: TrainConfig, *, quiet: bool = False, run_name: str | None = No
         keras.config.set_dtype_policy(previous)
 
 
-def _fit_phases(model: keras.Model, plan: list[phases.Phase], config: TrainConfig, train_ds, val_ds,
-                steps_per_epoch: int, *, quiet: bool, train_images: int, checkpoint_dir: Path,
-                best_so_far: float | None, extra_callbacks: list | None = None) -> None:
+@dataclass(frozen=True)
+class Splits:
+    """A run's data: the dataset (its test split is scored once, at the end) and the
+    seeded, stratified train/validation split of its training images (uint8 NHWC, int labels)."""
+
+    ds: datasets.Dataset
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+def load_splits(config: TrainConfig) -> Splits:
+    """Load ``config.data`` (its ``classes``, at most ``limit`` training images per class) and split off
+    ``val_fraction`` of the training images for validation, seeded by ``config.seed``.
+
+    Raises:
+        CifarflowError: bad data (see :func:`cifarflow.data.datasets.load`).
+    """
+    ds = datasets.select_classes(datasets.load(config.data, skip_corrupt=config.skip_corrupt, resize=config.resize),
+                                 config.classes)
+    x_all, y_all = datasets.limit_per_class(ds.x_train, ds.y_train, config.limit, config.seed)
+    return Splits(ds, *datasets.train_val_split(x_all, y_all, config.val_fraction, config.seed))
+
+
+def input_pipelines(config: TrainConfig, splits: Splits):
+    """``(train_ds, val_ds)``: shuffled, augmented and mixed training batches; validation batches (None without
+    a validation split)."""
+    n = splits.ds.num_classes
+    train_ds = pipeline.make_dataset(
+        splits.x_train, splits.y_train, n, config.batch_size, training=True, seed=config.seed,
+        augment=pipeline.augmentation(config, seed=config.seed), mix=pipeline.mixing(config, seed=config.seed),
+    )
+    val_ds = (pipeline.make_dataset(splits.x_val, splits.y_val, n, config.batch_size, training=False)
+              if len(splits.y_val) else None)
+    return train_ds, val_ds
+
+
+def _fit_plan(model: keras.Model, plan: TrainingPlan, config: TrainConfig, train_ds, val_ds, *, quiet: bool,
+              train_images: int, checkpoint_dir: Path, best_so_far: float | None, extra_callbacks: list) -> None:
     """Fit ``model`` phase after phase, each compiled with its optimizer and with its own callbacks.
 
     The epoch index (the metrics' step) counts on across phases; the best
     validation checkpoint is the best over all phases. With more than one
-    phase (or a source task) the run gets the tags ``cifarflow.phase`` (the
-    phase in progress, then the last one) and ``cifarflow.phase_epochs``
+    phase (or one not called ``train``) the run gets the tags ``cifarflow.phase``
+    (the phase in progress, then the last one) and ``cifarflow.phase_epochs``
     (``head:0-1,fine_tune:2-4``) and a per-epoch metric ``phase`` (1, 2, ...);
-    ``trainable_params`` (and ``frozen_layers``/``unfrozen_layers``) are logged
+    ``trainable_params`` (and the counts ``phase.prepare`` returns) are logged
     at each phase's first epoch.
     """
     epoch, spans = 0, []
-    named = len(plan) > 1 or plan[0].name != "train"
-    if config.calibrate_batchnorm and transfer.backbone_of(model):
-        used = transfer.calibrate_batchnorm(model, train_ds.take(config.calibrate_batchnorm))
-        mlflow.log_metric("calibration_batches", used)
-    for index, phase in enumerate(plan, start=1):
-        counts = phases.prepare(model, phase)
+    named = len(plan.phases) > 1 or plan.phases[0].name != "train"
+    steps_per_epoch = math.ceil(train_images / config.batch_size)
+    plan.before_fit(model, train_ds)
+    for index, phase in enumerate(plan.phases, start=1):
+        counts = phase.prepare(model)
         compile_model(model, phase.config, steps_per_epoch)
         if named:
             mlflow.set_tag("cifarflow.phase", phase.name)
@@ -226,15 +261,71 @@ def _fit_phases(model: keras.Model, plan: list[phases.Phase], config: TrainConfi
         mlflow.set_tag("cifarflow.phase_epochs", ",".join(spans))
 
 
-def _log_backbone_weights(model: keras.Model, run_id: str) -> None:
-    """Source task: log the backbone's weights as ``backbone.weights.h5`` (tag ``cifarflow.backbone_weights``
-    holds its ``runs:/`` URI, usable as ``weights=`` of a target run)."""
+@contextlib.contextmanager
+def _resumable(run_id: str, checkpoint_dir: Path, in_active_run: bool):
+    """Training inside: Ctrl-C marks the run KILLED and names the ``--resume`` that continues it; a tuning
+    trial (``in_active_run``) that stops for any reason leaves no resume state."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if in_active_run:  # a tuning trial: the study decides; a trial is never resumed
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            raise
+        mlflow.end_run(status="KILLED")
+        if not (checkpoint_dir / "backup").is_dir():
+            raise CifarflowError(f"training interrupted before its first epoch ended; run {run_id} is KILLED",
+                                 "start it again") from None
+        raise CifarflowError(
+            f"training interrupted; run {run_id} is saved up to its last finished epoch",
+            f"continue it with the same command plus --resume {run_id}",
+        ) from None
+    except Exception:
+        if in_active_run:  # a pruned or failed trial leaves nothing to resume
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        raise
+
+
+def _restore_best(model: keras.Model, best_file: Path) -> None:
+    """Load the best validation epoch's weights, when a validation split kept them."""
+    if best_file.is_file():
+        with warnings.catch_warnings():  # saved with another phase's optimizer: its state is not needed
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model.load_weights(str(best_file))
+
+
+def _log_inputs(config: TrainConfig, splits: Splits, model: keras.Model, run_id: str, tags: dict[str, str]) -> None:
+    """Tags, params (resolved recipe and data sizes), ``recipe.yaml``, ``params`` and ``skipped_corrupt_images``."""
+    ds = splits.ds
+    mlflow.set_tags({**tracking.run_tags(config.recipe, ds.checksum), **tags})
+    tracking.log_params_once(run_id, {
+        **config.params(),
+        "data_source": ds.source,
+        "train_images": len(splits.y_train), "val_images": len(splits.y_val), "test_images": len(ds.y_test),
+        "num_classes": ds.num_classes,
+    })
+    mlflow.log_text(config.to_yaml(), "recipe.yaml")
+    mlflow.log_metrics({"skipped_corrupt_images": ds.skipped, "params": model.count_params()})
+
+
+def _score_and_log(model: keras.Model, config: TrainConfig, ds: datasets.Dataset, run_id: str,
+                   train_seconds: float) -> dict[str, float]:
+    """Score the trained model on the test split through :func:`cifarflow.evaluation.scoring.score` (as
+    `cifarflow evaluate` does, without FGSM) and log its metrics and artifacts, ``train_seconds``,
+    ``best_val_accuracy``, ``training_curves.png`` and ``classes.json``; returns the final metrics."""
+    predict, _ = scoring.keras_functions(model)
+    scored = scoring.score(ds, predict, None, tta=config.tta, fgsm_images=0)
+    scoring.log_scored(scored, ds)
+    extra = {"train_seconds": train_seconds}
+    best_val = _metric_history(run_id, ["val_accuracy"])["val_accuracy"]
+    if best_val:
+        extra["best_val_accuracy"] = max(best_val)
+    mlflow.log_metrics(extra)
+    curves = _metric_history(run_id, ["train_loss", "val_loss", "train_accuracy", "val_accuracy"])
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "backbone.weights.h5"
-        transfer.backbone_of(model).save_weights(str(path))
-        mlflow.log_artifact(str(path))
-        mlflow.set_tags({"cifarflow.backbone_weights": f"runs:/{run_id}/backbone.weights.h5",
-                         "cifarflow.backbone_weights_sha256": sha256_file(path)})
+        plots.training_curves(curves, Path(tmp) / "training_curves.png")
+        (Path(tmp) / "classes.json").write_text(json.dumps(list(ds.class_names)))
+        mlflow.log_artifacts(tmp)
+    return {**scored.metrics, **extra}
 
 
 def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: str | None, in_active_run: bool,
@@ -242,10 +333,12 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
     """Train ``config`` end to end and record everything in one MLflow run.
 
     Loads and splits the data (seeded, stratified validation split; the test
-    split is used once, at the end), builds the model, fits it with the
-    recipe's optimizer, schedule and callbacks, keeps the weights of the best
-    validation epoch, evaluates them on the test split and logs params, tags,
-    per-epoch and final metrics, plots, reports and the model to MLflow.
+    split is used once, at the end), builds the model, fits its training plan
+    (:mod:`cifarflow.training.phases`) with the recipe's optimizer, schedule and
+    callbacks, keeps the weights of the best validation epoch, scores them on the
+    test split (:func:`cifarflow.evaluation.scoring.score`: ``test_loss`` is the
+    test negative log-likelihood) and logs params, tags, per-epoch and final
+    metrics, plots, reports and the model to MLflow.
 
     A killed or interrupted run keeps its state under :func:`checkpoint_root`;
     ``resume=<run_id>`` continues it from the last finished epoch in the same
@@ -271,102 +364,34 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
         CifarflowError: bad data, or a run that cannot be resumed; also on
             Ctrl-C, naming the run id to resume.
     """
-    plan = phases.plan(config)
-    if resume and len(plan) > 1:
+    plan = plans.plan(config)
+    if resume and len(plan.phases) > 1:
         raise CifarflowError(f"cannot resume run {resume}: resuming a two-phase run is not supported",
                              "start a new run (without --resume)")
     tracking.configure()
     seed_everything(config.seed)
-    ds = datasets.load(config.data, skip_corrupt=config.skip_corrupt, resize=config.resize)
-    ds = datasets.select_classes(ds, config.classes)
-    x_all, y_all = datasets.limit_per_class(ds.x_train, ds.y_train, config.limit, config.seed)
-    x_tr, y_tr, x_val, y_val = datasets.train_val_split(x_all, y_all, config.val_fraction, config.seed)
-    model = build_and_compile(config, ds.num_classes, x_tr)
-    steps_per_epoch = math.ceil(len(x_tr) / config.batch_size)
-    weights_tags = transfer.weights_tags(config.model_params["weights"], model) if transfer.backbone_of(model) else {}
-    train_ds = pipeline.make_dataset(
-        x_tr, y_tr, ds.num_classes, config.batch_size, training=True, seed=config.seed,
-        augment=pipeline.augmentation(config, seed=config.seed), mix=pipeline.mixing(config, seed=config.seed),
-    )
-    val_ds = (pipeline.make_dataset(x_val, y_val, ds.num_classes, config.batch_size, training=False)
-              if len(y_val) else None)
-    test_ds = pipeline.make_dataset(ds.x_test, ds.y_test, ds.num_classes, config.batch_size, training=False)
+    splits = load_splits(config)
+    model = build_and_compile(config, splits.ds.num_classes, splits.x_train)
+    train_ds, val_ds = input_pipelines(config, splits)
 
     runs = contextlib.nullcontext(mlflow.active_run()) if in_active_run else _start_run(config, run_name, resume)
     with runs as run:
         run_id = run.info.run_id
         ckpt_dir = checkpoint_root() / run_id
-        best_file = ckpt_dir / "best.weights.h5"
-        history = _metric_history(run_id, ["val_accuracy"]) if resume else {"val_accuracy": []}
-        mlflow.set_tags({**tracking.run_tags(config.recipe, ds.checksum), **weights_tags, **tags})
-        tracking.log_params_once(run_id, {
-            **config.params(),
-            "data_source": ds.source,
-            "train_images": len(y_tr), "val_images": len(y_val), "test_images": len(ds.y_test),
-            "num_classes": ds.num_classes,
-        })
-        mlflow.log_text(config.to_yaml(), "recipe.yaml")
-        mlflow.log_metrics({
-            "skipped_corrupt_images": ds.skipped,
-            "params": model.count_params(),
-        })
+        best_so_far = max(_metric_history(run_id, ["val_accuracy"])["val_accuracy"], default=None) if resume else None
+        _log_inputs(config, splits, model, run_id, {**plan.tags(model), **tags})
         started = time.perf_counter()
-        try:
-            _fit_phases(model, plan, config, train_ds, val_ds, steps_per_epoch, quiet=quiet,
-                        train_images=len(y_tr), checkpoint_dir=ckpt_dir,
-                        best_so_far=max(history["val_accuracy"], default=None), extra_callbacks=extra_callbacks)
-        except KeyboardInterrupt:
-            if in_active_run:  # a tuning trial: the study decides; a trial is never resumed
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
-                raise
-            mlflow.end_run(status="KILLED")
-            if not (ckpt_dir / "backup").is_dir():
-                raise CifarflowError(f"training interrupted before its first epoch ended; run {run_id} is KILLED",
-                                     "start it again") from None
-            raise CifarflowError(
-                f"training interrupted; run {run_id} is saved up to its last finished epoch",
-                f"continue it with the same command plus --resume {run_id}",
-            ) from None
-        except Exception:
-            if in_active_run:  # a pruned or failed trial leaves nothing to resume
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
-            raise
+        with _resumable(run_id, ckpt_dir, in_active_run):
+            _fit_plan(model, plan, config, train_ds, val_ds, quiet=quiet, train_images=len(splits.y_train),
+                      checkpoint_dir=ckpt_dir, best_so_far=best_so_far, extra_callbacks=extra_callbacks)
         train_seconds = time.perf_counter() - started
-        if best_file.is_file():
-            with warnings.catch_warnings():  # saved with another phase's optimizer: its state is not needed
-                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-                model.load_weights(str(best_file))
-        if config.source_task:
-            _log_backbone_weights(model, run_id)
+        _restore_best(model, ckpt_dir / "best.weights.h5")
+        plan.after_fit(model, run_id)
 
-        test_loss, _ = model.evaluate(test_ds, verbose=0)
-        probs = predict_probs(model, ds.x_test, batch_size=config.batch_size)
-        scores = classification_metrics(ds.y_test, probs, ds.class_names)
-        metrics = {
-            "test_accuracy": scores["accuracy"], "test_loss": float(test_loss), "nll": scores["nll"],
-            "macro_f1": scores["macro_f1"], "train_seconds": train_seconds,
-        }
-        best_val = _metric_history(run_id, ["val_accuracy"])["val_accuracy"]
-        if best_val:
-            metrics["best_val_accuracy"] = max(best_val)
-        if config.tta != "none":
-            tta_probs = predict_probs(model, ds.x_test, tta=config.tta, batch_size=config.batch_size)
-            metrics["test_accuracy_tta"] = float((tta_probs.argmax(1) == ds.y_test).mean())
-        mlflow.log_metrics(metrics)
-
-        curves = _metric_history(run_id, ["train_loss", "val_loss", "train_accuracy", "val_accuracy"])
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            plots.training_curves(curves, out / "training_curves.png")
-            plots.confusion_matrix(scores["confusion_matrix"], ds.class_names, out / "confusion_matrix.png")
-            plots.misclassified_grid(ds.x_test, ds.y_test, probs, ds.class_names, out / "misclassified.png")
-            (out / "classification_report.json").write_text(json.dumps(scores["report"], indent=2))
-            (out / "classification_report.csv").write_text(report_csv(scores["report"]))
-            (out / "classes.json").write_text(json.dumps(list(ds.class_names)))
-            mlflow.log_artifacts(tmp)
+        metrics = _score_and_log(model, config, splits.ds, run_id, train_seconds)
         model_uri = ""
         if log_model:
-            model_uri = tracking.log_keras_model(model, ds.x_test[:8]).model_uri
+            model_uri = tracking.log_keras_model(model, splits.ds.x_test[:8]).model_uri
             mlflow.set_tag("cifarflow.model_uri", model_uri)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return TrainResult(run_id=run_id, model_uri=model_uri, metrics=metrics)
