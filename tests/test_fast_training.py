@@ -190,3 +190,72 @@ def test_portable_optimizer_is_built_in_with_the_current_rate():
     assert type(plain) is keras.optimizers.SGD
     assert plain.momentum == 0.85 and plain.nesterov and plain.weight_decay == 0.01
     assert float(plain.learning_rate) == pytest.approx(float(Triangular(1.0, 10, 2)(3)))
+    cosine = keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.1, 10))
+    assert portable(cosine) is cosine  # already loads anywhere
+
+
+def test_fast_recipe_trains_end_to_end_with_its_settings(train_data, monkeypatch):
+    """`cifarflow train fast` on tiny data: whitening from data, the rules optimizer with lookahead, alternating
+    flip, multiview TTA logged with its view count, and a logged model that loads with plain Keras."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from cifarflow import config, models
+    from cifarflow.training import trainer
+
+    seen = {}
+    original_init = models.DATA_INIT["fast"]
+    monkeypatch.setitem(models.DATA_INIT, "fast", lambda m, x: (seen.setdefault("init", len(x)), original_init(m, x)))
+    fits = []
+    original_fit = keras.Model.fit
+    monkeypatch.setattr(keras.Model, "fit", lambda self, *a, **k: (fits.append((self.optimizer, k["callbacks"])),
+                                                                   original_fit(self, *a, **k))[1])
+    cfg = config.resolve("fast", {"data": str(train_data), "epochs": 2, "batch_size": 16, "widths": [8, 8, 8],
+                                  "data_init_images": 40, "freeze_after_epochs": {"^whiten/bias$": 1}})
+    result = trainer.train(cfg, quiet=True)
+    assert seen["init"] == 40  # a sample of the training images whitens the first layer
+    optimizer, callbacks = fits[0]
+    assert isinstance(optimizer, SGD) and optimizer.lookahead_steps == 5 and optimizer.lookahead_total_steps == 2 * 5
+    assert isinstance(optimizer._learning_rate, Triangular)
+    assert any(type(c).__name__ == "AlternatingFlip" for c in callbacks)
+    run = mlflow.tracking.MlflowClient().get_run(result.run_id)
+    assert run.data.params["tta"] == "multiview" and run.data.params["tta_views"] == "6"
+    assert "test_accuracy_tta" in run.data.metrics
+    local = mlflow.artifacts.download_artifacts(result.model_uri)
+    code = ("import sys, glob, numpy as np, keras; f = glob.glob(sys.argv[1] + '/**/*.keras', recursive=True)[0]; "
+            "m = keras.saving.load_model(f); print(m.predict(np.zeros((2, 32, 32, 3)), verbose=0).shape)")
+    out = subprocess.run([sys.executable, "-c", code, local], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(2, 3)" in out.stdout  # 3 classes in the tiny data
+
+
+def test_fast_recipe_optimizer_follows_airbench94():
+    from cifarflow import config
+    from cifarflow.training.trainer import make_optimizer
+
+    cfg = config.resolve("fast")
+    opt = make_optimizer(cfg, steps_per_epoch=49)  # 50,000 images at batch 1024
+    total = 10 * 49
+    schedule = opt._learning_rate
+    assert isinstance(opt, SGD) and opt.momentum == 0.85 and opt.nesterov
+    assert (schedule.peak, schedule.total_steps, schedule.warmup_steps) == (1.5, total, round(0.23 * total))
+    assert float(schedule(0)) == pytest.approx(0.3) and float(schedule(total)) == pytest.approx(0.105)
+    assert opt.weight_decay == pytest.approx(0.0153 / ((1 + 1 / 0.15) * 0.15 * 1.5), rel=1e-3)  # see fast.yaml
+    assert opt.lr_multipliers == {"beta$": 64.0} and opt.freeze_after == {"^whiten/bias$": 3 * 49}
+    assert (opt.lookahead_steps, opt.lookahead_total_steps) == (5, total)
+    assert opt.lookahead_decay == pytest.approx(0.95**5)
+    short = make_optimizer(config.resolve("fast", {"epochs": 4}), steps_per_epoch=49)._learning_rate
+    assert short.warmup_steps == round(0.23 * 4 * 49)  # the peak stays at 23% of a shorter run
+    plain = make_optimizer(config.resolve("cnn_small"), steps_per_epoch=10)
+    assert type(plain) is keras.optimizers.SGD  # recipes without rules keep Keras' own optimizer
+
+
+def test_bad_variable_pattern_is_a_user_error():
+    from cifarflow import config
+    from cifarflow.errors import CifarflowError
+
+    with pytest.raises(CifarflowError, match="bad variable pattern"):
+        config.resolve("fast", {"lr_multipliers": {"beta[": 2.0}})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,14 +50,35 @@ class TrainConfig(pydantic.BaseModel):
     momentum: float = pydantic.Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = pydantic.Field(5e-4, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    # cosine: warmup from 0, cosine decay to min_learning_rate; triangular (one-cycle, airbench94):
+    # linear from warmup_start_fraction * learning_rate to learning_rate over the warmup, then
+    # linear to min_learning_rate at the last step
+    schedule: Literal["cosine", "constant", "triangular"] = "cosine"
     warmup_epochs: float = pydantic.Field(0.0, ge=0)
+    warmup_fraction: float | None = pydantic.Field(None, ge=0, lt=1)  # of all steps; set, it replaces warmup_epochs
+    warmup_start_fraction: float = pydantic.Field(0.0, ge=0, le=1)  # triangular only
     min_learning_rate: float = pydantic.Field(0.0, ge=0)
     label_smoothing: float = pydantic.Field(0.0, ge=0, lt=1)
+    # per-variable rules, keyed by a regex searched in the variable's path (e.g. "beta$", "^whiten/bias$"):
+    # learning-rate multiplier (decoupled weight decay keeps the base rate), and epochs after which
+    # the variable stops training (no gradient step, no decay)
+    lr_multipliers: dict[str, float] = {}
+    freeze_after_epochs: dict[str, float] = {}
+    # lookahead-style EMA (airbench94): every lookahead_steps steps (0: off) the weights are
+    # averaged into an EMA with decay lookahead_decay * (step / total steps)^3 and reset to it;
+    # the final weights are the EMA
+    lookahead_steps: int = pydantic.Field(0, ge=0)
+    lookahead_decay: float = pydantic.Field(0.95**5, ge=0, lt=1)
+    # data-dependent initialisation of models that have one (the fast net's whitening layer):
+    # a seeded random sample of this many training images
+    data_init_images: int = pydantic.Field(5000, ge=1)
 
     # augmentation (applied in the input pipeline, training split only)
     crop_padding: int = pydantic.Field(4, ge=0, lt=32)
-    flip: bool = True
+    crop_fill: Literal["constant", "reflect"] = "constant"  # what fills the borders a translation uncovers
+    # true: random horizontal flip; "alternate": derandomized (airbench94), a fixed random half of the
+    # images mirrored, then every image mirrored on odd epochs
+    flip: bool | Literal["alternate"] = True
     rotation: float = pydantic.Field(0.0, ge=0, le=0.5)
     shift: float = pydantic.Field(0.0, ge=0, lt=1)
     zoom: float = pydantic.Field(0.0, ge=0, lt=1)
@@ -130,6 +152,11 @@ class TrainConfig(pydantic.BaseModel):
             raise ValueError(
                 "reduce_lr_patience needs schedule=constant (a cosine schedule already sets the rate)"
             )
+        for pattern in (*self.lr_multipliers, *self.freeze_after_epochs):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"bad variable pattern {pattern!r} in lr_multipliers/freeze_after_epochs: {exc}") from None
         if self.early_stopping_patience is not None and self.val_fraction == 0:
             raise ValueError("early_stopping_patience needs a validation split (val_fraction > 0)")
         return self

@@ -15,7 +15,9 @@ def augmentation(config: TrainConfig, seed: int = 42, image_size: int = 32) -> k
     """Keras preprocessing layers for the training split, or None when all are off.
 
     Default CIFAR-10 augmentation (He et al. 2016): translate by up to
-    ``crop_padding`` pixels with zero fill and a random horizontal flip. The shift
+    ``crop_padding`` pixels with zero fill (``crop_fill="reflect"``: reflected
+    borders, Keras' reflect, which repeats the edge pixel) and a random horizontal
+    flip (``flip="alternate"``: none here, see :class:`AlternatingFlip`). The shift
     is uniform over [-crop_padding, crop_padding] rounded to whole pixels, so the two
     extreme shifts are half as likely as with padding and a random crop.
     Options: ``rotation`` (fraction of a full turn), ``shift`` (fraction of the
@@ -30,9 +32,9 @@ def augmentation(config: TrainConfig, seed: int = 42, image_size: int = 32) -> k
     steps: list[keras.layers.Layer] = []
     if config.crop_padding:
         f = config.crop_padding / image_size
-        steps.append(L.RandomTranslation(f, f, fill_mode="constant", interpolation="nearest", seed=seed,
+        steps.append(L.RandomTranslation(f, f, fill_mode=config.crop_fill, interpolation="nearest", seed=seed,
                                          name="pad_crop", dtype=F32))
-    if config.flip:
+    if config.flip is True:
         steps.append(L.RandomFlip("horizontal", seed=seed + 1, name="flip", dtype=F32))
     if config.rotation:
         steps.append(L.RandomRotation(config.rotation, fill_mode="reflect", seed=seed + 2, name="rotation", dtype=F32))

@@ -160,13 +160,24 @@ _RULE_KEYS = ("lr_multipliers", "freeze_after", "lookahead_steps", "lookahead_de
 
 
 def portable(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
-    """The built-in Keras optimizer ``optimizer`` is (or extends), with the same settings
-    and its current learning rate as a constant, without per-variable rules or lookahead.
+    """``optimizer`` if it is a built-in Keras optimizer with a built-in (or no) schedule;
+    else the built-in optimizer it extends, with the same settings and its current
+    learning rate as a constant, without per-variable rules or lookahead.
 
     For what a logged model carries: a model compiled with it saves and loads with
     plain Keras (MLflow serving, export), where the classes of this module, or a
-    :class:`Triangular` schedule, would need ``cifarflow`` imported to load.
+    :class:`Triangular` schedule, would need ``cifarflow`` imported to load. A
+    ``LossScaleOptimizer`` (mixed_float16) gives its inner optimizer's.
     """
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:
+        return portable(inner)
+    schedule = optimizer._learning_rate
+    built_in = (type(optimizer).__module__.startswith("keras.")
+                and (not isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule)
+                     or type(schedule).__module__.startswith("keras.")))
+    if built_in:
+        return optimizer
     base = next(c for c in type(optimizer).__mro__ if c.__module__.startswith("keras."))
     config = {k: v for k, v in optimizer.get_config().items() if k not in _RULE_KEYS}
     config["learning_rate"] = float(ops.convert_to_numpy(optimizer.learning_rate))

@@ -22,7 +22,8 @@ from cifarflow.config import TrainConfig
 from cifarflow.data import datasets, pipeline
 from cifarflow.errors import CifarflowError
 from cifarflow.evaluation import scoring
-from cifarflow.training import plans
+from cifarflow.evaluation.metrics import TTA_VIEWS
+from cifarflow.training import optim, plans
 from cifarflow.training.phases import TrainingPlan
 
 
@@ -49,22 +50,39 @@ def seed_everything(seed: int) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
+def sample_images(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """A seeded random sample of ``n`` images of ``x`` (all of them when ``n >= len(x)``), in order.
+
+    Random rather than the first ``n``: an unshuffled training set (``val_fraction=0``)
+    keeps the source's order, which may be sorted by class."""
+    if n >= len(x):
+        return x
+    return x[np.sort(np.random.default_rng(seed).choice(len(x), size=n, replace=False))]
+
+
 def pixel_stats(x: np.ndarray, max_images: int = 10000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (0..255 scale) of up to ``max_images`` images of ``x`` (N, H, W, 3)."""
-    sample = x[:max_images].reshape(-1, x.shape[-1]).astype(np.float64)
+    """Per-channel mean and std (0..255 scale) of a random sample of up to ``max_images`` images of ``x`` (N, H, W, 3)."""
+    sample = sample_images(x, max_images).reshape(-1, x.shape[-1]).astype(np.float64)
     return sample.mean(axis=0).tolist(), np.maximum(sample.std(axis=0), 1e-3).tolist()
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """Optimizer with the recipe's schedule.
 
-    ``cosine``: linear warmup from 0 to ``learning_rate`` over ``warmup_epochs``,
-    then cosine decay to ``min_learning_rate`` at the last step (Loshchilov and
-    Hutter 2017, SGDR, without restarts; Goyal et al. 2017 for the warmup).
-    Weight decay is decoupled (Keras' ``weight_decay`` argument).
+    ``cosine``: linear warmup from 0 to ``learning_rate`` over ``warmup_epochs``
+    (or ``warmup_fraction`` of all steps), then cosine decay to ``min_learning_rate``
+    at the last step (Loshchilov and Hutter 2017, SGDR, without restarts; Goyal et
+    al. 2017 for the warmup). ``triangular``: :class:`~cifarflow.training.optim.Triangular`
+    from ``warmup_start_fraction * learning_rate`` up to ``learning_rate`` at the end
+    of the warmup, down to ``min_learning_rate`` at the last step (airbench94).
+    Weight decay is decoupled (Keras' ``weight_decay`` argument). With
+    ``lr_multipliers``, ``freeze_after_epochs`` or ``lookahead_steps`` the optimizer
+    is the matching class of :mod:`cifarflow.training.optim`.
     """
     total = config.epochs * steps_per_epoch
-    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total - 1)
+    warmup_steps = (config.warmup_fraction * total if config.warmup_fraction is not None
+                    else config.warmup_epochs * steps_per_epoch)
+    warmup = min(int(round(warmup_steps)), total - 1)
     if config.schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=0.0 if warmup else config.learning_rate,
@@ -73,14 +91,27 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizer
             warmup_target=config.learning_rate if warmup else None,
             warmup_steps=warmup,
         )
+    elif config.schedule == "triangular":
+        lr = optim.Triangular(config.learning_rate, total, warmup, start=config.warmup_start_fraction,
+                              end=config.min_learning_rate / config.learning_rate)
     else:
         lr = config.learning_rate
+    rules = {}
+    if config.lr_multipliers:
+        rules["lr_multipliers"] = config.lr_multipliers
+    if config.freeze_after_epochs:
+        rules["freeze_after"] = {k: int(round(v * steps_per_epoch)) for k, v in config.freeze_after_epochs.items()}
+    if config.lookahead_steps:
+        rules.update(lookahead_steps=config.lookahead_steps, lookahead_decay=config.lookahead_decay,
+                     lookahead_total_steps=total)
+    sgd, adamw, adam = ((optim.SGD, optim.AdamW, optim.Adam) if rules else
+                        (keras.optimizers.SGD, keras.optimizers.AdamW, keras.optimizers.Adam))
     wd = config.weight_decay or None
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=wd)
+        return sgd(lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=wd, **rules)
     if config.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
-    return keras.optimizers.Adam(lr, weight_decay=wd)
+        return adamw(lr, weight_decay=config.weight_decay, **rules)
+    return adam(lr, weight_decay=wd, **rules)
 
 
 def make_callbacks(config: TrainConfig, *, train_images: int, checkpoint_dir: Path, has_validation: bool,
@@ -123,11 +154,15 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int)
 
 
 def build_and_compile(config: TrainConfig, num_classes: int, x_train: np.ndarray) -> keras.Model:
-    """The recipe's model, normalized with ``x_train``'s pixel statistics and compiled
-    with its optimizer, schedule (``ceil(len(x_train) / batch_size)`` steps per
-    epoch), label-smoothed cross-entropy and accuracy."""
+    """The recipe's model, normalized with ``x_train``'s pixel statistics, initialised
+    from ``data_init_images`` random training images when its builder has a
+    data-dependent init (:func:`cifarflow.models.initialize`), and compiled with its
+    optimizer, schedule (``ceil(len(x_train) / batch_size)`` steps per epoch),
+    label-smoothed cross-entropy and accuracy."""
     mean, std = pixel_stats(x_train)
     model = models.build(config.model, num_classes=num_classes, mean=mean, std=std, **config.model_params)
+    if config.model in models.DATA_INIT:
+        models.initialize(config.model, model, sample_images(x_train, config.data_init_images, config.seed))
     compile_model(model, config, math.ceil(len(x_train) / config.batch_size))
     return model
 
@@ -208,17 +243,33 @@ def load_splits(config: TrainConfig) -> Splits:
     return Splits(ds, *datasets.train_val_split(x_all, y_all, config.val_fraction, config.seed))
 
 
-def input_pipelines(config: TrainConfig, splits: Splits):
-    """``(train_ds, val_ds)``: shuffled, augmented and mixed training batches; validation batches (None without
-    a validation split)."""
-    n = splits.ds.num_classes
-    train_ds = pipeline.make_dataset(
-        splits.x_train, splits.y_train, n, config.batch_size, training=True, seed=config.seed,
+def training_data(config: TrainConfig, x: np.ndarray, y: np.ndarray, num_classes: int):
+    """The training batches of a recipe and the ``fit`` callbacks they need.
+
+    Returns:
+        ``(dataset, callbacks)``: :func:`cifarflow.data.pipeline.make_dataset` of
+        ``x`` (uint8 (N, 32, 32, 3)) and ``y`` with the recipe's augmentation and
+        mixing, shuffled with its seed; with ``flip="alternate"`` the images are
+        first mirrored by a :class:`~cifarflow.data.pipeline.AlternatingFlip`, which
+        is then the one callback (it must see ``fit``'s epochs).
+    """
+    alternate = pipeline.AlternatingFlip(config.seed) if config.flip == "alternate" else None
+    dataset = pipeline.make_dataset(
+        alternate.prepare(x) if alternate else x, y, num_classes, config.batch_size, training=True, seed=config.seed,
         augment=pipeline.augmentation(config, seed=config.seed), mix=pipeline.mixing(config, seed=config.seed),
+        alternate=alternate,
     )
+    return dataset, [alternate] if alternate else []
+
+
+def input_pipelines(config: TrainConfig, splits: Splits):
+    """``(train_ds, val_ds, callbacks)``: shuffled, augmented and mixed training batches and the callbacks
+    they need (:func:`training_data`); validation batches (None without a validation split)."""
+    n = splits.ds.num_classes
+    train_ds, callbacks = training_data(config, splits.x_train, splits.y_train, n)
     val_ds = (pipeline.make_dataset(splits.x_val, splits.y_val, n, config.batch_size, training=False)
               if len(splits.y_val) else None)
-    return train_ds, val_ds
+    return train_ds, val_ds, callbacks
 
 
 def _fit_plan(model: keras.Model, plan: TrainingPlan, config: TrainConfig, train_ds, val_ds, *, quiet: bool,
@@ -301,7 +352,7 @@ def _log_inputs(config: TrainConfig, splits: Splits, model: keras.Model, run_id:
         **config.params(),
         "data_source": ds.source,
         "train_images": len(splits.y_train), "val_images": len(splits.y_val), "test_images": len(ds.y_test),
-        "num_classes": ds.num_classes,
+        "num_classes": ds.num_classes, "tta_views": TTA_VIEWS[config.tta],
     })
     mlflow.log_text(config.to_yaml(), "recipe.yaml")
     mlflow.log_metrics({"skipped_corrupt_images": ds.skipped, "params": model.count_params()})
@@ -372,7 +423,7 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
     seed_everything(config.seed)
     splits = load_splits(config)
     model = build_and_compile(config, splits.ds.num_classes, splits.x_train)
-    train_ds, val_ds = input_pipelines(config, splits)
+    train_ds, val_ds, data_callbacks = input_pipelines(config, splits)
 
     runs = contextlib.nullcontext(mlflow.active_run()) if in_active_run else _start_run(config, run_name, resume)
     with runs as run:
@@ -383,7 +434,8 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
         started = time.perf_counter()
         with _resumable(run_id, ckpt_dir, in_active_run):
             _fit_plan(model, plan, config, train_ds, val_ds, quiet=quiet, train_images=len(splits.y_train),
-                      checkpoint_dir=ckpt_dir, best_so_far=best_so_far, extra_callbacks=extra_callbacks)
+                      checkpoint_dir=ckpt_dir, best_so_far=best_so_far,
+                      extra_callbacks=data_callbacks + extra_callbacks)
         train_seconds = time.perf_counter() - started
         _restore_best(model, ckpt_dir / "best.weights.h5")
         plan.after_fit(model, run_id)
@@ -391,6 +443,9 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
         metrics = _score_and_log(model, config, splits.ds, run_id, train_seconds)
         model_uri = ""
         if log_model:
+            plain = optim.portable(model.optimizer)
+            if plain is not model.optimizer:  # the saved model must load with plain Keras (serving, export)
+                model.compile(optimizer=plain, loss=model.loss, metrics=["accuracy"])
             model_uri = tracking.log_keras_model(model, splits.ds.x_test[:8]).model_uri
             mlflow.set_tag("cifarflow.model_uri", model_uri)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
