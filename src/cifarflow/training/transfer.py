@@ -69,7 +69,8 @@ class TransferPlan(TrainingPlan):
         super().__init__(phases)
 
     def tags(self, model: keras.Model) -> dict[str, str]:
-        """``cifarflow.weights_source`` and ``cifarflow.weights_sha256`` (see :func:`cifarflow.models.transfer.weights_tags`)."""
+        """``cifarflow.weights_source``, ``cifarflow.weights_sha256`` (and for EfficientNet-Lite ImageNet weights
+        ``cifarflow.weights_file``), see :func:`cifarflow.models.transfer.weights_tags`."""
         return transfer.weights_tags(self.config.model_params["weights"], model)
 
     def before_fit(self, model: keras.Model, train_ds) -> None:
