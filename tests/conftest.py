@@ -186,3 +186,55 @@ def post(url: str, body: bytes, timeout: float = 60) -> tuple[int, bytes]:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+# ---------------------------------------------------------------- PostgreSQL-backed tracking server
+
+PG_ROLE, PG_ROLE_PASSWORD = "cifarflow", "pg-Secret-4711"  # the password the masking tests look for
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster for the session (see ``pgcluster``); skipped without PostgreSQL
+    unless ``CIFARFLOW_REQUIRE_POSTGRES`` is set (``.ci/run`` sets it)."""
+    import pgcluster
+
+    if pgcluster.postgres_bindir() is None:
+        if os.environ.get("CIFARFLOW_REQUIRE_POSTGRES"):
+            pytest.fail("CIFARFLOW_REQUIRE_POSTGRES is set but initdb/pg_ctl are missing (apt-get install postgresql)")
+        pytest.skip("needs Debian's postgresql (apt-get install postgresql)")
+    with pgcluster.cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_database(postgres):
+    """A fresh database on the session cluster, owned by ``PG_ROLE``; returns its URL (with the password)."""
+    import secrets
+
+    return postgres.create_database(f"db_{secrets.token_hex(4)}", PG_ROLE, PG_ROLE_PASSWORD)
+
+
+@pytest.fixture(scope="session")
+def pg_mlflow_server_url(postgres, tmp_path_factory):
+    """``mlflow server`` as a team runs it, for the session: PostgreSQL backend store (its own database),
+    proxied artifact storage (``--artifacts-destination``), bound to 127.0.0.1; yields its URL."""
+    import secrets
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    backend = postgres.create_database(f"mlflow_{secrets.token_hex(4)}", PG_ROLE, PG_ROLE_PASSWORD)
+    args = ["server", "--backend-store-uri", backend, "--artifacts-destination", str(root / "artifacts"),
+            "--workers", "2"]
+    with serving(args, root / "mlflow-server.log", "/health") as base:
+        yield base
+
+
+@pytest.fixture
+def mlflow_pg_server(pg_mlflow_server_url, monkeypatch):
+    """The session's PostgreSQL-backed ``mlflow server``, as this test's ``MLFLOW_TRACKING_URI``; yields its URL.
+    Tests share its store: each tells its runs apart by its own data path (the ``data_source`` param)."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pg_mlflow_server_url)
+    mlflow.set_tracking_uri(pg_mlflow_server_url)
+    yield pg_mlflow_server_url
