@@ -45,6 +45,40 @@ def _overrides(sets, **options) -> dict:
     return {**cfg.parse_overrides(sets), **{k: v for k, v in options.items() if v is not None}}
 
 
+def check_output(path, option: str, *, folder: bool = True) -> None:
+    """Refuse an output that cannot be written, before any work is done (nothing is created).
+
+    Args:
+        path: the output as given.
+        option: its option name, e.g. ``--out``, for the message.
+        folder: ``path`` is a folder (made later where missing, so its nearest
+            existing ancestor must be a writable folder); else a file, whose
+            folder must exist and be writable.
+
+    Raises:
+        CifarflowError: a file where a folder is needed (or the reverse), a
+            missing folder for a file, or a folder this user cannot write in.
+    """
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path).absolute()
+    if not folder and target.is_dir():
+        raise CifarflowError(f"{option} {path} is a folder, not a file", f"pass a file path with {option}")
+    where = target if folder else target.parent
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    if not existing.is_dir():
+        raise CifarflowError(f"{option} {path} lies below {existing}, which is a file, not a folder",
+                             f"pass another {option}")
+    if not folder and existing != where:
+        raise CifarflowError(f"folder of {option} {path} does not exist", f"create it or pass another {option}")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise CifarflowError(f"cannot write {option} {path}: {existing} is not writable ({exc.strerror})",
+                             f"pass a folder you can write to with {option}, or fix its permissions") from None
+
+
 def run_name(config, recipe: str) -> str:
     """``<recipe>-<params that differ from the recipe's defaults>``, e.g. ``wrn-epochs10-depth16-width4``.
 
@@ -81,16 +115,17 @@ def cli() -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe or model parameter; repeatable.")
 @click.option("--skip-corrupt", is_flag=True, default=None, help="Drop unreadable images (count logged) instead of failing.")
 @click.option("--resize", is_flag=True, default=None, help="Resize images that are not 32x32 instead of failing.")
+@click.option("--trust-data", is_flag=True, default=None, help="Unpickle a pickle-layout source without restrictions (it can run code: only data you trust).")
 @click.option("--resume", default=None, metavar="RUN_ID", help="Continue an interrupted run from its last finished epoch.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, resume, quiet) -> None:
+def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, trust_data, resume, quiet) -> None:
     """Train RECIPE (a name in experiments/ or a .yaml path) and log it to MLflow."""
     _import_tensorflow_quietly()
     from cifarflow import config as cfg
     from cifarflow.training.trainer import train as run_training
 
     overrides = _overrides(sets, data=data, epochs=epochs, limit=limit, seed=seed,
-                           skip_corrupt=skip_corrupt, resize=resize)
+                           skip_corrupt=skip_corrupt, resize=resize, trust_data=trust_data)
     config = cfg.resolve(recipe, overrides)
     result = run_training(config, quiet=quiet, run_name=run_name(config, recipe), resume=resume)
     m = result.metrics
@@ -114,19 +149,20 @@ def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, resume,
               help="Objective (default: the search file's); maximized for accuracy, minimized for loss.")
 @click.option("--retrain-best", is_flag=True, help="Then train the best params on train+val with the full epochs.")
 @click.option("--data", default=None, help="Data source, as for train.")
+@click.option("--trust-data", is_flag=True, default=None, help="Unpickle a pickle-layout source without restrictions (it can run code: only data you trust).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs per trial.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Training images per trial.")
 @click.option("--seed", type=int, default=None)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Fixed overrides for every trial.")
 @click.option("--quiet/--progress", default=True, show_default=True, help="Progress bars of each trial.")
 def tune(recipe, study_name, trials, storage, space_path, timeout, n_jobs, heartbeat, metric, retrain_best,
-         data, epochs, limit, seed, sets, quiet) -> None:
+         data, trust_data, epochs, limit, seed, sets, quiet) -> None:
     """Search RECIPE's settings with Optuna; every trial is a nested MLflow run."""
     _import_tensorflow_quietly()
     from cifarflow import config as cfg
     from cifarflow.training import tuning
 
-    overrides = _overrides(sets, data=data, epochs=epochs, limit=limit, seed=seed)
+    overrides = _overrides(sets, data=data, epochs=epochs, limit=limit, seed=seed, trust_data=trust_data)
     study = tuning.tune(recipe, study_name, trials, overrides=overrides, storage=storage, space_path=space_path,
                         timeout=timeout, n_jobs=n_jobs, quiet=quiet, heartbeat=heartbeat, metric=metric,
                         retrain_best=retrain_best)
@@ -162,6 +198,7 @@ def evaluate_command(model_ref, data, tta, fgsm_images) -> None:
 @click.option("--latency", is_flag=True, help="Also time batch-1 predictions of each model.")
 def compare_command(experiments, metric, out, latency) -> None:
     """Table and plots of finished runs side by side, logged as a comparison run."""
+    check_output(out, "--out")
     _import_tensorflow_quietly()
     from pathlib import Path
 
@@ -207,16 +244,16 @@ def data() -> None:
               help="Where to write the PNG grid of sample images per class.")
 @click.option("--skip-corrupt", is_flag=True, help="Drop unreadable images instead of failing.")
 @click.option("--resize", is_flag=True, help="Resize images that are not 32x32.")
-def data_info(source, out, skip_corrupt, resize) -> None:
+@click.option("--trust-data", is_flag=True, help="Unpickle a pickle-layout source without restrictions (it can run code: only data you trust).")
+def data_info(source, out, skip_corrupt, resize, trust_data) -> None:
     """Counts per class, checksum and a sample grid of SOURCE."""
     from pathlib import Path
 
     from cifarflow.data import datasets as d
     from cifarflow import plots
 
-    if not Path(out).absolute().parent.is_dir():
-        raise CifarflowError(f"folder of --out {out} does not exist", "create it or pass another --out")
-    ds = d.load(source, skip_corrupt=skip_corrupt, resize=resize)
+    check_output(out, "--out", folder=False)
+    ds = d.load(source, skip_corrupt=skip_corrupt, resize=resize, trust_data=trust_data)
     if not len(ds.y_train):
         raise CifarflowError(f"no readable training image in {source}", "check the data")
     train_counts = d.class_counts(ds.y_train, ds.class_names)
@@ -281,6 +318,8 @@ def promote(model, force) -> None:
 @click.option("--data", default=None, help="Test data (default: the training run's data source).")
 def export_command(model_uri, fmt, quantize, out, data) -> None:
     """Export MODEL_URI (models:/NAME/VERSION, NAME@ALIAS) to ONNX/TFLite, verified against Keras."""
+    if out:
+        check_output(out, "--out")
     _import_tensorflow_quietly()
     from pathlib import Path
 
@@ -306,6 +345,7 @@ def export_command(model_uri, fmt, quantize, out, data) -> None:
 @click.option("--dest", type=click.Path(file_okay=False), required=True, help="Output folder.")
 def pull(model, fmt, quantize, dest) -> None:
     """Download MODEL (NAME@ALIAS, NAME/VERSION) for deployment, with a model_card.json."""
+    check_output(dest, "--dest")
     _import_tensorflow_quietly()
     from pathlib import Path
 

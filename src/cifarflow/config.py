@@ -37,6 +37,7 @@ class TrainConfig(pydantic.BaseModel):
     limit: int | None = pydantic.Field(None, gt=0)
     skip_corrupt: bool = False
     resize: bool = False
+    trust_data: bool = False  # unpickle a pickle layout without restrictions (can run code)
     seed: int = 42
     # keep only these classes (relabelled 0..k-1 in the dataset's order): a list of
     # names, or "animals" / "vehicles" (the CIFAR-10 groups)

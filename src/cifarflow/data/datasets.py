@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import pickle
 import shutil
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from cifarflow.errors import CifarflowError
 from cifarflow.utils import sha256_file
@@ -108,6 +108,7 @@ def load(
     skip_corrupt: bool = False,
     resize: bool = False,
     use_cache: bool = True,
+    trust_data: bool = False,
 ) -> Dataset:
     """Load a dataset as uint8 NHWC arrays.
 
@@ -117,12 +118,19 @@ def load(
     ``.zip`` archive holding either (extracted once under :func:`cache_root`,
     never beside the archive; a single top folder inside is allowed).
 
-    The pickle layout is unpickled, and unpickling can run arbitrary code:
-    load it only from paths you trust (the Keras cache, your own copy).
+    The pickle layout is read with a restricted unpickler that builds only
+    what the official release holds (builtin types and NumPy arrays), so a
+    crafted batch cannot run code; a file that needs anything else is refused
+    unless ``trust_data`` (then it is unpickled as is: only for files you trust).
+    Labels must index the class names (10 for CIFAR-10, or ``batches.meta``'s).
 
     Decoded arrays are cached as ``.npz`` under :func:`cache_root`, keyed by the
-    archive's sha256 or a directory's file list, sizes and mtimes, so the
-    second load takes seconds.
+    archive's sha256 (or a directory's file list, sizes and mtimes) and the
+    decoding options, so the second load takes seconds. Extraction and decoding
+    of one source run under an inter-process lock (``filelock``), and every
+    cache file is written to a temporary name and renamed into place, so
+    processes that load the same source at once on an empty cache all get
+    every image, and a killed one leaves no partial cache.
 
     Args:
         source: ``"cifar10"`` or a path.
@@ -130,13 +138,16 @@ def load(
             instead of failing.
         resize: resize images that are not 32x32 instead of failing.
         use_cache: read and write the decoded-array cache.
+        trust_data: unpickle the pickle layout without restrictions (can run code).
 
     Returns:
         A :class:`Dataset`.
 
     Raises:
         CifarflowError: missing path, unknown layout, empty class folder,
-            corrupt images, train/test class sets that differ, wrong image size.
+            corrupt images, train/test class sets that differ, wrong image size,
+            a pickle that needs more than builtins and NumPy arrays (without
+            ``trust_data``), labels outside the classes.
     """
     resolved = resolve_data_source(source)
     if resolved == "download":
@@ -150,17 +161,30 @@ def load(
     options = f"{_CACHE_FORMAT}|skip_corrupt={skip_corrupt}|resize={resize}"
     key = hashlib.sha256((_fingerprint(path) + options).encode()).hexdigest()[:24]
     cache_file = cache_root() / "arrays" / f"{key}.npz"
-    if use_cache and cache_file.is_file():
-        try:
-            return _read_cache(cache_file, str(path))
-        except Exception:  # a broken cache is rebuilt, never fatal
-            cache_file.unlink(missing_ok=True)
-    root = _extract(path) if path.is_file() else path
-    dataset = _load_root(_find_layout_root(root, path), skip_corrupt=skip_corrupt, resize=resize)
-    dataset = Dataset(**{**dataset.__dict__, "source": str(path)})
-    if use_cache:
-        _write_cache(cache_file, dataset)
+    if use_cache and (cached := _try_cache(cache_file, path)):
+        return cached
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache_file.with_suffix(".lock")):  # one decoder per source and options; the others wait
+        if use_cache and (cached := _try_cache(cache_file, path)):  # decoded while we waited
+            return cached
+        root = _extract(path) if path.is_file() else path
+        dataset = _load_root(_find_layout_root(root, path), skip_corrupt=skip_corrupt, resize=resize,
+                             trust_data=trust_data)
+        dataset = Dataset(**{**dataset.__dict__, "source": str(path)})
+        if use_cache:
+            _write_cache(cache_file, dataset)
     return dataset
+
+
+def _try_cache(cache_file: Path, path: Path) -> Dataset | None:
+    """The cached arrays, or None (absent, or broken: removed, to be rebuilt)."""
+    if not cache_file.is_file():
+        return None
+    try:
+        return _read_cache(cache_file, str(path))
+    except Exception:  # a broken cache is rebuilt, never fatal
+        cache_file.unlink(missing_ok=True)
+        return None
 
 
 def train_val_split(
@@ -336,6 +360,15 @@ def _extract(archive: Path) -> Path:
     if (target / ".complete").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_name(digest + ".lock")):  # never remove a folder another process reads
+        if not (target / ".complete").is_file():
+            _extract_into(archive, target)
+    return target
+
+
+def _extract_into(archive: Path, target: Path) -> None:
+    """Extract into a temporary folder beside ``target``, then rename it into place (under the caller's lock)."""
+    name = archive.name.lower()
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
     try:
         if name.endswith(".zip"):
@@ -350,9 +383,8 @@ def _extract(archive: Path) -> Path:
             f"cannot extract {archive}: {exc}", "the archive is corrupt or truncated; copy it again"
         ) from None
     (tmp / ".complete").touch()
-    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover of a killed process
     tmp.rename(target)
-    return target
 
 
 def _is_pickle_root(d: Path) -> bool:
@@ -378,14 +410,43 @@ def _find_layout_root(root: Path, shown: Path) -> Path:
     )
 
 
-def _load_root(root: Path, *, skip_corrupt: bool, resize: bool) -> Dataset:
+def _load_root(root: Path, *, skip_corrupt: bool, resize: bool, trust_data: bool = False) -> Dataset:
     if _is_pickle_root(root):
-        return _load_pickle_dir(root)
+        return _load_pickle_dir(root, trust_data=trust_data)
     return _load_class_folders(root, skip_corrupt=skip_corrupt, resize=resize)
 
 
-def _load_pickle_dir(root: Path) -> Dataset:
-    """Read the canonical pickled release. Trusted paths only: unpickling runs code."""
+class _UntrustedPickle(Exception):
+    """A pickle asked for a global that a CIFAR-10 batch never holds."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Builds only what the pickled CIFAR-10 release holds: builtin types (dict, list, bytes, str, int,
+    ...; these need no global) and NumPy arrays, as pickled by NumPy 1 and 2 at any protocol. Any
+    other global (``os.system``, ``builtins.eval``, a class) raises :class:`_UntrustedPickle` before it
+    is looked up, so nothing in the file can run."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
+        ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
+        ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
+        ("numpy.core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): np._core.numeric._frombuffer,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise _UntrustedPickle(f"{module}.{name}") from None
+
+
+def _load_pickle_dir(root: Path, *, trust_data: bool = False) -> Dataset:
+    """Read the ``cifar-10-batches-py`` layout with :class:`_BatchUnpickler` (plain ``pickle`` when
+    ``trust_data``); check shapes, pixel dtype and that every label indexes the class names."""
 
     def read(name: str) -> dict:
         file = root / name
@@ -396,33 +457,54 @@ def _load_pickle_dir(root: Path) -> Dataset:
             )
         try:
             with open(file, "rb") as f:
-                return pickle.load(f, encoding="bytes")
+                batch = pickle.load(f, encoding="bytes") if trust_data else _BatchUnpickler(f, encoding="bytes").load()
+        except _UntrustedPickle as exc:
+            raise CifarflowError(
+                f"{file} is a pickle that asks for {exc}, which no CIFAR-10 batch holds: loading it could run code",
+                "use the official release; only if you trust where this file came from, pass --trust-data",
+            ) from None
         except Exception as exc:
             raise CifarflowError(
                 f"cannot read {file}: {type(exc).__name__}: {exc}",
                 "the file is corrupt; download the dataset again",
             ) from None
+        if not isinstance(batch, dict):
+            raise CifarflowError(f"{file} is not a CIFAR-10 batch (it holds a {type(batch).__name__}, not a dict)",
+                                 "the file is corrupt; download the dataset again")
+        return batch
 
     def arrays(batch: dict, name: str):
         try:
-            data = np.asarray(batch[b"data"], dtype=np.uint8)
-            labels = np.asarray(batch[b"labels"], dtype=np.int64)
-            return data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1), labels
-        except (KeyError, ValueError) as exc:
+            data = np.asarray(batch[b"data"])
+            labels = np.asarray(batch[b"labels"])
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE:
+                raise ValueError(f"data is {data.dtype} {data.shape}, not uint8 (N, {3 * IMAGE_SIZE * IMAGE_SIZE})")
+            if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
+                raise ValueError(f"labels are {labels.dtype} {labels.shape}, not {len(data)} integers")
+            return data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1), labels.astype(np.int64)
+        except (KeyError, ValueError, TypeError) as exc:
             raise CifarflowError(
                 f"{root / name} is not a CIFAR-10 batch ({type(exc).__name__}: {exc})",
                 "the file is corrupt; download the dataset again",
             ) from None
 
-    train = [arrays(read(n), n) for n in _PICKLE_FILES[:-1]]
-    x_test, y_test = arrays(read("test_batch"), "test_batch")
+    batches = {n: arrays(read(n), n) for n in _PICKLE_FILES}
     names = CIFAR10_CLASSES
     if (root / "batches.meta").is_file():
         meta = read("batches.meta")
-        names = tuple(n.decode() for n in meta.get(b"label_names", [])) or CIFAR10_CLASSES
-    x_train = np.concatenate([t[0] for t in train])
-    y_train = np.concatenate([t[1] for t in train])
-    return _make(x_train, y_train, x_test, y_test, names)
+        names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(b"label_names", [])) \
+            or CIFAR10_CLASSES
+    for n, (_, labels) in batches.items():
+        bad = labels[(labels < 0) | (labels >= len(names))]
+        if len(bad):
+            raise CifarflowError(
+                f"{root / n} has {len(bad)} label(s) outside 0..{len(names) - 1} ({len(names)} classes), "
+                f"e.g. {', '.join(str(v) for v in np.unique(bad)[:5])}",
+                "fix or remove the file, or download the dataset again",
+            )
+    x_train = np.concatenate([batches[n][0] for n in _PICKLE_FILES[:-1]])
+    y_train = np.concatenate([batches[n][1] for n in _PICKLE_FILES[:-1]])
+    return _make(x_train, y_train, *batches["test_batch"], names)
 
 
 def _list_split(split_dir: Path) -> dict[str, list[Path]]:
@@ -501,17 +583,24 @@ def _load_class_folders(root: Path, *, skip_corrupt: bool, resize: bool) -> Data
 
 
 def _write_cache(cache_file: Path, ds: Dataset) -> None:
+    """Write to a temporary file of this process, then rename: a killed or concurrent writer never
+    leaves half a cache."""
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test,
-        class_names=np.array(ds.class_names), checksum=np.array(ds.checksum),
-        skipped_files=np.array(ds.skipped_files, dtype=str),
-    )
-    tmp = cache_file.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(cache_file)  # atomic: a killed run never leaves half a cache
+    fd, tmp = tempfile.mkstemp(prefix=f".{cache_file.stem}-", suffix=".tmp", dir=cache_file.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f,
+                x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test,
+                class_names=np.array(ds.class_names), checksum=np.array(ds.checksum),
+                skipped_files=np.array(ds.skipped_files, dtype=str),
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, cache_file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _read_cache(cache_file: Path, source: str) -> Dataset:

@@ -172,7 +172,7 @@ def load_keras(model_uri: str):
 
 def run_test_data(run, data: str | None = None):
     """The dataset a training run was tested on: its ``data_source`` (or ``data``),
-    ``skip_corrupt``/``resize`` options and ``classes`` subset.
+    ``skip_corrupt``/``resize``/``trust_data`` options and ``classes`` subset.
 
     Args:
         run: an MLflow ``Run`` of ``cifarflow train``.
@@ -186,7 +186,7 @@ def run_test_data(run, data: str | None = None):
     p = run.data.params
     source = data or p.get("data_source") or p.get("data") or "cifar10"
     flag = lambda k: str(p.get(k, "False")).lower() == "true"  # noqa: E731
-    ds = datasets.load(source, skip_corrupt=flag("skip_corrupt"), resize=flag("resize"))
+    ds = datasets.load(source, skip_corrupt=flag("skip_corrupt"), resize=flag("resize"), trust_data=flag("trust_data"))
     expected = run.data.tags.get("cifarflow.dataset_sha256")
     if expected and ds.checksum != expected:
         raise CifarflowError(f"data {source} (sha256 {ds.checksum[:12]}) is not the data run {run.info.run_id} was "

@@ -237,7 +237,8 @@ def load_splits(config: TrainConfig) -> Splits:
     Raises:
         CifarflowError: bad data (see :func:`cifarflow.data.datasets.load`).
     """
-    ds = datasets.select_classes(datasets.load(config.data, skip_corrupt=config.skip_corrupt, resize=config.resize),
+    ds = datasets.select_classes(datasets.load(config.data, skip_corrupt=config.skip_corrupt, resize=config.resize,
+                                                   trust_data=config.trust_data),
                                  config.classes)
     x_all, y_all = datasets.limit_per_class(ds.x_train, ds.y_train, config.limit, config.seed)
     return Splits(ds, *datasets.train_val_split(x_all, y_all, config.val_fraction, config.seed))
