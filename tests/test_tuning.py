@@ -149,24 +149,6 @@ def test_a_killed_study_resumes_and_its_stale_trial_run_ends_failed(train_data, 
     assert all(r.info.status != "RUNNING" for r in runs)
 
 
-@pytest.mark.slow
-def test_two_workers_share_one_study_without_duplicated_or_lost_trials(train_data, tmp_path):
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    # heartbeat 5 s: on a busy machine a 2 s grace period could fail the other worker's live trial
-    command = _tune_command(train_data, _space_without_pruning(tmp_path), storage, trials=4, heartbeat=5)
-    workers = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    for w in workers:
-        _, err = w.communicate(timeout=600)
-        assert w.returncode == 0, err[-2000:]
-    trials = optuna.load_study(study_name="shared", storage=storage).trials
-    assert [t.number for t in trials] == list(range(len(trials)))
-    assert [t.state.name for t in trials].count("COMPLETE") >= 4 and len(trials) <= 5
-    runs = mlflow.search_runs(experiment_names=["cifarflow/simple5"], output_format="list")
-    trial_runs = [r.data.tags["cifarflow.trial"] for r in runs if "cifarflow.trial" in r.data.tags]
-    assert sorted(trial_runs, key=int) == [str(t.number) for t in trials]  # one run per trial, none lost
-    assert all(t.system_attrs.get(tuning.RUN_ID_ATTR) for t in trials)
-
-
 @pytest.mark.parametrize("recipe", ["mobilenetv2", "efficientnetv2b0", "efficientnetb0", "resnet50v2"])
 def test_the_transfer_search_file_is_valid_for_every_backbone(recipe):
     path = tuning.find_space(recipe)

@@ -24,16 +24,129 @@ EPOCH_METRICS = (
 
 
 def configure() -> str:
-    """Point MLflow at ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory.
+    """Point MLflow at ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory,
+    and check that the store can be used before any expensive work.
 
     MLflow 3.13+ refuses the plain-file ``mlruns/`` store, hence the SQLite default.
-    Returns the tracking URI in use.
+    A SQLite store is created or migrated (under :func:`sqlite_lock`) and must
+    be writable; a tracking server must answer within a bounded retry (about
+    15 s, not MLflow's 254 s of back-off); a database URL must open.
+
+    Returns:
+        The tracking URI in use.
+
+    Raises:
+        CifarflowError: a corrupt or read-only SQLite store, an unreachable
+            server or one that refuses the credentials, a database that does
+            not open. URLs in the message have their password masked.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///"):
-        _create_sqlite_store_once(uri)
+        _check_sqlite_store(uri)
+    elif uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    elif "://" in uri and not uri.startswith(("file:", "databricks")):
+        try:
+            mlflow.tracking.MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as exc:
+            raise CifarflowError(f"cannot open the MLflow tracking store {mask_url(uri)}: "
+                                 f"{type(exc).__name__}: {mask_secrets(str(exc), uri)}"[:400],
+                                 "fix MLFLOW_TRACKING_URI, or start the database") from None
     return uri
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: ``postgresql://u:***@host/db`` (also a
+    ``password=`` query parameter). Use it wherever a storage or tracking URL is printed or logged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if password is None and "password=" not in parts.query:
+        return url  # nothing to hide: returned as given (urlunsplit would rewrite sqlite:///x as sqlite:/x)
+    if password is not None:
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{hostport}")
+    if "password=" in parts.query:
+        import re
+
+        parts = parts._replace(query=re.sub(r"(password=)[^&]*", r"\1***", parts.query))
+    return urlunsplit(parts)
+
+
+def mask_secrets(text: str, url: str) -> str:
+    """``text`` (e.g. an exception message) with ``url`` masked and its password removed wherever it appears."""
+    from urllib.parse import unquote, urlsplit
+
+    text = text.replace(url, mask_url(url))
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    for secret in {password, unquote(password or "")} - {None, ""}:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _check_sqlite_store(uri: str) -> None:
+    """Create or migrate the store, then take (and give back) its write lock: a read-only file or
+    folder, or a file that is not an MLflow store, is one line before any work."""
+    import sqlite3
+
+    db = Path(uri.removeprefix("sqlite:///")).absolute()
+    fix = "point MLFLOW_TRACKING_URI at a store you can write, e.g. sqlite:///mlflow.db in a folder of yours"
+    try:
+        _create_sqlite_store_once(uri)
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=60)) as con:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("CREATE TABLE main._cifarflow_write_probe (x)")  # a read-only file or folder fails here
+            con.rollback()  # nothing is written
+    except Exception as exc:
+        text = str(exc)
+        if "not a database" in text or "malformed" in text:
+            raise CifarflowError(f"{db} is not an MLflow tracking store (SQLite: file is not a database)",
+                                 f"move it away, or {fix}") from None
+        if isinstance(exc, PermissionError) or "readonly" in text or "read-only" in text \
+                or "unable to open" in text:
+            raise CifarflowError(f"the MLflow tracking store {db} is read-only for this user", 
+                                 f"make it and its folder writable, or {fix}") from None
+        raise CifarflowError(f"cannot use the MLflow tracking store {db}: {type(exc).__name__}: "
+                             f"{text.splitlines()[0] if text else ''}"[:400], fix) from None
+
+
+_PROBE_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def _check_server(uri: str) -> None:
+    """One bounded request (2 retries, 10 s timeout: at most about 35 s) to the tracking server."""
+    saved = {k: os.environ.get(k) for k in _PROBE_RETRIES}
+    os.environ.update(_PROBE_RETRIES)
+    try:
+        mlflow.tracking.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:
+        text = str(exc)
+        code = getattr(exc, "error_code", "")
+        if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or "401" in text or "403" in text:
+            raise CifarflowError(f"the MLflow tracking server {mask_url(uri)} refused the credentials",
+                                 "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account on it") \
+                from None
+        reason = ("connection refused" if "refused" in text.lower() else
+                  "no answer in time" if "timed out" in text.lower() or "timeout" in text.lower() else
+                  "unknown host" if "resolve" in text.lower() or "not known" in text.lower() else
+                  f"{type(exc).__name__}")
+        raise CifarflowError(f"cannot reach the MLflow tracking server {mask_url(uri)} ({reason})",
+                             "start the server, or fix MLFLOW_TRACKING_URI") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import os
+import socket
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +24,8 @@ from cifarflow.errors import CifarflowError
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 RUN_ID_ATTR = "mlflow_run_id"  # where optuna_integration's MLflowCallback keeps a trial's run id
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the study's MLflow parent run, shared by its workers
+_TAKEN = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
 
 
 class Param(pydantic.BaseModel):
@@ -175,14 +182,85 @@ def open_storage(url: str, heartbeat: int = 60) -> optuna.storages.RDBStorage:
     as FAILED.
     """
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        kwargs["connect_args"] = {"connect_timeout": 15}  # an unreachable host fails in seconds, not minutes
     try:
         with tracking.sqlite_lock(url):  # two fresh workers would race creating the tables
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
                                               grace_period=2 * heartbeat,
                                               heartbeat_stale_trial_callback=_end_stale_run)
     except Exception as exc:
-        raise CifarflowError(f"cannot open Optuna storage {url}: {type(exc).__name__}: {exc}",
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""]
+        raise CifarflowError(f"cannot open Optuna storage {tracking.mask_url(url)}: {type(exc).__name__}: "
+                             f"{tracking.mask_secrets(reason[0], url)}"[:500],
                              "pass --storage with a reachable SQLAlchemy URL, e.g. sqlite:///optuna.db") from None
+
+
+@contextlib.contextmanager
+def study_lock(url: str, study_name: str):
+    """Hold an exclusive lock over ``study_name`` that every worker on ``url`` respects.
+
+    A file lock beside a SQLite storage (:func:`cifarflow.tracking.sqlite_lock`),
+    a session advisory lock on PostgreSQL (``pg_advisory_lock``), a named lock
+    on MySQL/MariaDB (``GET_LOCK``); no lock for other databases. Held only
+    for short bookkeeping (taking a trial, failing stale ones, creating the
+    parent run), never while a trial trains.
+    """
+    backend = url.split(":", 1)[0].split("+", 1)[0]
+    if backend == "sqlite":
+        with tracking.sqlite_lock(url):
+            yield
+        return
+    if backend not in ("postgresql", "mysql", "mariadb"):
+        yield
+        return
+    import sqlalchemy
+
+    key = int.from_bytes(hashlib.sha256(f"cifarflow.study:{study_name}".encode()).digest()[:8], "big", signed=True)
+    take, give = (("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)") if backend == "postgresql" else
+                  ("SELECT GET_LOCK(CONCAT('cifarflow.', :k), -1)", "SELECT RELEASE_LOCK(CONCAT('cifarflow.', :k))"))
+    with _lock_engine(url).connect() as conn:  # a session lock: also released if this process dies
+        conn.execute(sqlalchemy.text(take), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text(give), {"k": key})
+
+
+@functools.lru_cache(maxsize=4)
+def _lock_engine(url: str):
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    return sqlalchemy.create_engine(url, poolclass=NullPool)
+
+
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """Mark trials whose heartbeat stopped more than the grace period ago FAIL (their MLflow runs FAILED)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+class _BudgetMet(Exception):
+    """The study already holds its budget of complete, pruned and running trials."""
+
+
+def _take_trials_within_budget(study: optuna.Study, trials: int, lock) -> None:
+    """Make ``study.ask`` (which ``study.optimize`` calls for every trial) take a trial only while
+    the study holds fewer than ``trials`` complete, pruned or running ones, deciding under ``lock``,
+    so that any number of parallel workers hold the budget exactly; otherwise it raises
+    :class:`_BudgetMet`. Stale trials are failed first, which frees their places."""
+    ask = study.ask
+
+    def ask_within_budget(*args, **kwargs):
+        with lock():
+            _fail_stale_trials(study)
+            if len(study.get_trials(deepcopy=False, states=_TAKEN)) >= trials:
+                raise _BudgetMet
+            return ask(*args, **kwargs)
+
+    study.ask = ask_within_budget
 
 
 def _end_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -219,12 +297,28 @@ def _stop_after_failures(limit: int):
     return callback
 
 
-def _parent_run(experiment_id: str, study_name: str) -> str | None:
+def _parent_run(study: optuna.Study, experiment_id: str, recipe: str) -> str:
+    """The study's MLflow parent run, made by its first worker; call under :func:`study_lock`, so that
+    workers starting at once share one. Its id is kept in the study (``PARENT_RUN_ATTR``); a study
+    from before that is found by its tags."""
+    client = mlflow.tracking.MlflowClient()
+    known = study.user_attrs.get(PARENT_RUN_ATTR)
+    if known:
+        try:
+            run = client.get_run(known)
+            if run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active":
+                return known
+        except mlflow.exceptions.MlflowException:  # another tracking store, or deleted
+            pass
     runs = mlflow.search_runs(
-        [experiment_id], filter_string=f"tags.`cifarflow.study` = '{study_name}' and tags.`cifarflow.role` = 'study'",
-        output_format="list",
+        [experiment_id], output_format="list",
+        filter_string=f"tags.`cifarflow.study` = '{study.study_name}' and tags.`cifarflow.role` = 'study'",
     )
-    return runs[0].info.run_id if runs else None
+    run_id = runs[0].info.run_id if runs else client.create_run(
+        experiment_id, run_name=f"{recipe}-study-{study.study_name}",
+        tags={"cifarflow.study": study.study_name, "cifarflow.role": "study"}).info.run_id
+    study.set_user_attr(PARENT_RUN_ATTR, run_id)
+    return run_id
 
 
 def _log_plots(study: optuna.Study) -> None:
@@ -255,8 +349,14 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
 
     The study lives in ``storage`` under ``study_name`` (``load_if_exists``), so
     workers on several machines sharing one database join the same study and a
-    killed process resumes by running the same command. A worker stops when the
-    study holds ``trials`` complete or pruned trials (``MaxTrialsCallback``).
+    killed process resumes by running the same command. The budget is exact: a
+    worker takes a trial only while the study holds fewer than ``trials``
+    complete, pruned or running trials (decided under :func:`study_lock`). A
+    killed worker's trial stops beating and, two heartbeats later, is failed
+    (its MLflow run FAILED) by the next worker to look (stale trials are failed
+    when a worker starts, before each trial and while it waits); a worker leaves
+    only when the budget is met and no trial is running, so none is left
+    RUNNING and a failed one's place is filled.
 
     Each trial trains the recipe with its params (plus ``overrides``) in a
     nested MLflow run under the study's parent run, reports the search file's
@@ -308,30 +408,37 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
         study_name=study_name, storage=open_storage(storage, heartbeat), load_if_exists=True,
         direction=space.direction, pruner=space.pruner.build(), sampler=optuna.samplers.TPESampler(seed=space.seed),
     )
+    lock = functools.partial(study_lock, storage, study_name)
     identity = {"recipe": recipe, "metric": space.metric}
-    if not study.trials and not study.user_attrs:
-        for key, value in identity.items():
-            study.set_user_attr(key, value)
-        for fixed in space.enqueue:
-            study.enqueue_trial(fixed)
-    known = {k: study.user_attrs.get(k) for k in identity}
-    if known != identity or study.direction.name.lower() != space.direction:
-        raise CifarflowError(f"study '{study_name}' in {storage} searches {known} ({study.direction.name.lower()}), "
-                             f"not {identity}", "use another --study name, or the study's recipe and metric")
-
     experiment = mlflow.set_experiment(tracking.experiment_name(recipe))
-    parent_id = _parent_run(experiment.experiment_id, study_name)
-    with mlflow.start_run(run_id=parent_id) if parent_id else mlflow.start_run(run_name=f"{recipe}-study-{study_name}") as parent:
+    with lock():
+        _fail_stale_trials(study)  # a worker killed before this one started
+        if not study.trials and not study.user_attrs:
+            for key, value in identity.items():
+                study.set_user_attr(key, value)
+            for fixed in space.enqueue:
+                study.enqueue_trial(fixed)
+        known = {k: study.user_attrs.get(k) for k in identity}
+        if known != identity or study.direction.name.lower() != space.direction:
+            raise CifarflowError(f"study '{study_name}' in {tracking.mask_url(storage)} searches {known} "
+                                 f"({study.direction.name.lower()}), not {identity}",
+                                 "use another --study name, or the study's recipe and metric")
+        parent_id = _parent_run(study, experiment.experiment_id, recipe)
+
+    with mlflow.start_run(run_id=parent_id) as parent:
         mlflow.set_tags({"cifarflow.study": study_name, "cifarflow.role": "study", "cifarflow.recipe": recipe,
-                         "cifarflow.optuna_storage": storage, "cifarflow.search_space": space_path.name})
+                         "cifarflow.optuna_storage": tracking.mask_url(storage),
+                         "cifarflow.search_space": space_path.name})
         mlflow.log_text(space_path.read_text(), "search_space.yaml")
         mlflow_cb = MLflowCallback(metric_name=f"best_{space.metric}", create_experiment=False,
                                    mlflow_kwargs={"nested": True})
 
         @mlflow_cb.track_in_mlflow()
         def objective(trial: optuna.Trial) -> float:
+            worker = f"{socket.gethostname()}:{os.getpid()}"  # which machine and process runs the trial
+            trial.set_user_attr("worker", worker)
             mlflow.set_tags({"mlflow.parentRunId": parent.info.run_id, "cifarflow.study": study_name,
-                             "cifarflow.trial": str(trial.number)})
+                             "cifarflow.trial": str(trial.number), "cifarflow.worker": worker})
             config = cfg.resolve(recipe, {**overrides, **space.suggest(trial)})
             train(config, quiet=quiet, in_active_run=True, log_model=False,
                   extra_callbacks=[KerasPruningCallback(trial, space.metric)])
@@ -339,13 +446,22 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
             best = (max if space.direction == "maximize" else min)(m.value for m in values)
             return float(best)
 
-        counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        if len(study.get_trials(deepcopy=False, states=counted)) < trials:  # else: already done
-            study.optimize(  # no per-worker cap: MaxTrialsCallback stops at `trials` across workers
-                objective, n_trials=None, timeout=timeout, n_jobs=n_jobs, catch=(Exception,),
-                callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted), mlflow_cb,
-                           _finish_trial_run(recipe), _stop_after_failures(max(3, trials))],
-            )
+        _take_trials_within_budget(study, trials, lock)
+        callbacks = [mlflow_cb, _finish_trial_run(recipe), _stop_after_failures(max(3, trials))]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
+            try:
+                study.optimize(objective, n_trials=None, n_jobs=n_jobs, catch=(Exception,), callbacks=callbacks,
+                               timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                break  # timed out, or stopped after repeated failures
+            except _BudgetMet:
+                pass
+            with lock():  # the budget is taken: wait while trials run, in case one goes stale or fails
+                _fail_stale_trials(study)
+                running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if not running:
+                break
+            time.sleep(min(5, heartbeat))
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         states = [t.state.name for t in study.trials]
         mlflow.log_metrics({"trials_complete": states.count("COMPLETE"), "trials_pruned": states.count("PRUNED"),

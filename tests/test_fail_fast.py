@@ -1,0 +1,94 @@
+"""Problems a user can fix are found before any expensive work and told in one line (issue 11 item 9):
+outputs that are files or not writable, read-only or corrupt stores, an unreachable tracking server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from clirun import assert_one_line_error, cli
+from conftest import free_port, write_class_folders
+
+TINY = ["--epochs", "1", "--quiet", "--set", "batch_size=16", "--set", "val_fraction=0.25"]
+
+
+def nothing_was_loaded(folder) -> bool:
+    """No data was decoded (the cache is created by the first load)."""
+    return not (folder / "cache").exists()
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["compare", "--out", "{file}/sub"], "--out"),
+    (["export", "models:/no-such-model/1", "--out", "{file}/sub"], "--out"),
+    (["pull", "no-such-model@champion", "--dest", "{file}/sub"], "--dest"),
+    (["data", "info", "{data}", "--out", "{file}/grid.png"], "--out"),
+])
+def test_an_output_below_a_file_is_refused_before_any_work(tmp_path, argv, option):
+    (tmp_path / "afile").write_text("not a folder")
+    write_class_folders(tmp_path / "data", per_class=(8, 2))
+    argv = [a.format(file=tmp_path / "afile", data=tmp_path / "data") for a in argv]
+    assert_one_line_error(cli(*argv), option, str(tmp_path / "afile"))
+    assert nothing_was_loaded(tmp_path)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["compare", "--out", "{ro}/cmp"], "--out"),
+    (["export", "models:/no-such-model/1", "--out", "{ro}/exp"], "--out"),
+    (["pull", "no-such-model@champion", "--dest", "{ro}/dest"], "--dest"),
+    (["data", "info", "{data}", "--out", "{ro}/grid.png"], "--out"),
+])
+def test_an_unwritable_output_is_refused_before_any_work(tmp_path, argv, option):
+    write_class_folders(tmp_path / "data", per_class=(8, 2))
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    ro.chmod(0o555)
+    argv = [a.format(ro=ro, data=tmp_path / "data") for a in argv]
+    assert_one_line_error(cli(*argv, unprivileged=True), option, str(ro))
+    assert nothing_was_loaded(tmp_path)
+
+
+def test_a_read_only_tracking_store_is_refused_before_training(tmp_path, monkeypatch):
+    import mlflow
+
+    write_class_folders(tmp_path / "data", per_class=(8, 2))
+    db = tmp_path / "team.db"
+    mlflow.tracking.MlflowClient(f"sqlite:///{db}").search_experiments()  # a real, current MLflow store
+    db.chmod(0o444)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    proc = cli("train", "simple5", "--data", tmp_path / "data", *TINY, unprivileged=True)
+    assert_one_line_error(proc, str(db), "read-only")
+    assert nothing_was_loaded(tmp_path)
+
+
+@pytest.mark.parametrize("verb", [["train", "simple5", "--data", "{data}", *TINY], ["compare"]])
+def test_a_corrupt_tracking_store_is_one_line(tmp_path, monkeypatch, verb):
+    write_class_folders(tmp_path / "data", per_class=(8, 2))
+    db = tmp_path / "broken.db"
+    db.write_bytes(b"this is not an SQLite file\n" * 100)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    proc = cli(*[a.format(data=tmp_path / "data") for a in verb])
+    assert_one_line_error(proc, str(db), "not an MLflow")
+    assert nothing_was_loaded(tmp_path)
+
+
+def test_a_corrupt_optuna_storage_is_one_line(tmp_path, train_data):
+    db = tmp_path / "optuna.db"
+    db.write_bytes(b"garbage" * 1000)
+    proc = cli("tune", "cnn_small", "--study", "s", "--trials", "1", "--storage", f"sqlite:///{db}",
+               "--data", train_data, "--epochs", "1")
+    assert_one_line_error(proc, "Optuna storage", str(db))
+
+
+@pytest.mark.parametrize("verb", [["train", "simple5", "--data", "{data}", *TINY],
+                                  ["tune", "cnn_small", "--study", "s", "--trials", "1", "--data", "{data}"],
+                                  ["compare"]])
+def test_an_unreachable_tracking_server_is_one_line_within_seconds(tmp_path, monkeypatch, verb):
+    write_class_folders(tmp_path / "data", per_class=(8, 2))
+    url = f"http://alice:hunter2@127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    started = time.monotonic()
+    proc = cli(*[a.format(data=tmp_path / "data") for a in verb], timeout=200)
+    line = assert_one_line_error(proc, "cannot reach the MLflow tracking server", "MLFLOW_TRACKING_URI")
+    assert time.monotonic() - started < 90  # bounded retries (was 254 s, then a 254-line traceback)
+    assert "hunter2" not in line and "alice:***@127.0.0.1" in line  # item 11: the password is masked
+    assert nothing_was_loaded(tmp_path)

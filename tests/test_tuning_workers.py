@@ -1,0 +1,78 @@
+"""Parallel tuning workers through the command line (issue 11 item 8): the trial budget is exact, and a
+killed worker's trial never stays RUNNING, even when the others meet the budget before it goes stale."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from clirun import CIFARFLOW
+
+
+def tune_command(data, tmp_path, storage, trials, *, epochs=2, heartbeat=5, study="shared"):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"pruner": {"type": "none"}, "params": {
+        "learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}}))
+    return [CIFARFLOW, "tune", "simple5", "--study", study, "--trials", str(trials), "--storage", storage,
+            "--space", str(space), "--data", str(data), "--heartbeat", str(heartbeat), "--epochs", str(epochs),
+            "--set", "batch_size=16", "--set", "val_fraction=0.25", "--set", "warmup_epochs=0"]
+
+
+def trial_runs() -> dict[int, mlflow.entities.Run]:
+    runs = mlflow.search_runs(experiment_names=["cifarflow/simple5"], output_format="list")
+    return {int(r.data.tags["cifarflow.trial"]): r for r in runs if "cifarflow.trial" in r.data.tags}
+
+
+def wait_for(predicate, timeout=300, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = predicate()
+        except Exception:  # the study may not exist yet
+            found = None
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_two_workers_hold_exactly_the_trial_budget(train_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = tune_command(train_data, tmp_path, storage, trials=4)
+    workers = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-2000:]
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4  # was 5 complete trials for --trials 4
+    runs = trial_runs()
+    assert sorted(runs) == [0, 1, 2, 3] and {r.info.status for r in runs.values()} == {"FINISHED"}
+
+
+@pytest.mark.slow
+def test_a_killed_workers_trial_is_failed_although_the_budget_is_met_before_it_goes_stale(train_data, tmp_path):
+    """Worker A is killed mid-trial; worker B, started at once, could meet the budget well within A's grace
+    period (2 heartbeats, 20 s). B must not leave A's trial RUNNING: the trial still holds its place in the
+    budget until it goes stale; B then fails it (and its MLflow run) and runs the trial in its place."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = tune_command(train_data, tmp_path, storage, trials=1, epochs=3, heartbeat=10)
+    a = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: [t for t in optuna.load_study(study_name="shared", storage=storage).trials
+                      if t.state.name == "RUNNING" and t.intermediate_values], what="A's first epoch")
+    os.killpg(a.pid, signal.SIGKILL)
+    a.wait()
+    b = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert b.returncode == 0, b.stderr[-3000:]
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]  # was [RUNNING, COMPLETE], forever
+    runs = trial_runs()
+    assert runs[0].info.status == "FAILED" and runs[1].info.status == "FINISHED"
+    assert "1 complete, 0 pruned, 1 failed" in b.stdout
