@@ -172,10 +172,11 @@ def test_missing_package_from_the_command_line_is_one_line_with_the_install_comm
 
 
 @pytest.mark.slow
-def test_imagenet_lite0_fine_tunes_registers_exports_and_serves(lite0_weights, train_data, tmp_path):
+def test_imagenet_lite0_fine_tunes_registers_exports_and_serves(lite0_weights, train_data, tmp_path, monkeypatch):
     """A tiny two-phase run from the ImageNet weights at 32 px, then register, ONNX/TFLite with parity, serve."""
-    cache = transfer.keras_models_dir()
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = tmp_path / "keras_models"  # Keras reads KERAS_HOME once, at import: keep the user's cache out of it
+    monkeypatch.setattr(transfer, "keras_models_dir", lambda: cache)
+    cache.mkdir()
     shutil.copy(lite0_weights, cache / lite0_weights.name)  # the session's conversion, as if converted here
     result = train(config.resolve("efficientnet_lite0", {
         "data": str(train_data), "resolution": 32, "head_epochs": 1, "fine_tune_epochs": 1, "batch_size": 32,
