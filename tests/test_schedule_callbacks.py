@@ -39,8 +39,8 @@ def _kinds(callbacks):
 
 def test_default_callbacks(tmp_path):
     cbs = make_callbacks(config.resolve("cnn"), train_images=10, checkpoint_dir=tmp_path, has_validation=True)
-    assert _kinds(cbs) == ["EpochLogger", "BackupAndRestore", "ModelCheckpoint"]
-    ckpt = cbs[2]
+    assert _kinds(cbs) == ["DurableBackup", "AtomicModelCheckpoint", "EpochLogger"]  # logged once durable
+    ckpt = cbs[1]
     assert ckpt.monitor == "val_accuracy" and ckpt.save_best_only
 
 
@@ -51,13 +51,13 @@ def test_early_stopping_and_reduce_lr_on_plateau(tmp_path):
     by_kind = dict(zip(_kinds(cbs), cbs))
     assert by_kind["EarlyStopping"].patience == 4 and by_kind["EarlyStopping"].monitor == "val_accuracy"
     assert by_kind["ReduceLROnPlateau"].patience == 2 and by_kind["ReduceLROnPlateau"].factor == 0.2
-    assert by_kind["ModelCheckpoint"].best == 0.7  # a resumed run keeps its best checkpoint
+    assert by_kind["AtomicModelCheckpoint"].best == 0.7  # a resumed run keeps its best checkpoint
 
 
 def test_without_validation_no_checkpoint_and_plateau_watches_training_loss(tmp_path):
     cfg = config.resolve("cnn", {"val_fraction": 0, "reduce_lr_patience": 2, "schedule": "constant"})
     cbs = make_callbacks(cfg, train_images=10, checkpoint_dir=tmp_path, has_validation=False)
-    assert "ModelCheckpoint" not in _kinds(cbs)
+    assert "AtomicModelCheckpoint" not in _kinds(cbs)
     assert cbs[-1].monitor == "loss"
 
 

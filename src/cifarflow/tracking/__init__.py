@@ -264,6 +264,12 @@ def _same_value(logged: str, value) -> bool:
         return False
 
 
+def param_differences(run_id: str, params: dict) -> list[str]:
+    """``key: logged -> new`` for each of ``params`` that run ``run_id`` logged with another value (reads only)."""
+    logged = mlflow.tracking.MlflowClient().get_run(run_id).data.params
+    return [f"{k}: {logged[k]} -> {v}" for k, v in params.items() if k in logged and not _same_value(logged[k], v)]
+
+
 def log_params_once(run_id: str, params: dict) -> None:
     """Log the params the run does not have yet; check the ones it has.
 
@@ -311,7 +317,9 @@ class EpochLogger(keras.callbacks.Callback):
         if not self._train_end:
             self._train_end = time.perf_counter()
 
-    def on_epoch_end(self, epoch, logs=None):
+    def epoch_metrics(self, epoch, logs=None) -> dict[str, float]:
+        """The metrics of the epoch ending now (also kept with its checkpoint, to be logged on resume if a
+        kill came between the checkpoint and the log)."""
         logs = logs or {}
         end = time.perf_counter()
         train_seconds = (self._train_end or end) - self._start
@@ -324,7 +332,10 @@ class EpochLogger(keras.callbacks.Callback):
             "epoch_seconds": end - self._start,
             "images_per_second": self.train_images / max(train_seconds, 1e-9),
         }
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=epoch)
+        return {k: float(v) for k, v in metrics.items() if v is not None}
+
+    def on_epoch_end(self, epoch, logs=None):
+        mlflow.log_metrics(self.epoch_metrics(epoch, logs), step=epoch)
 
 
 def log_keras_model(model: keras.Model, x_example: np.ndarray, name: str = "model"):

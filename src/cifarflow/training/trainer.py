@@ -23,7 +23,7 @@ from cifarflow.data import datasets, pipeline
 from cifarflow.errors import CifarflowError
 from cifarflow.evaluation import scoring
 from cifarflow.evaluation.metrics import TTA_VIEWS
-from cifarflow.training import optim, plans
+from cifarflow.training import checkpoints, optim, plans
 from cifarflow.training.phases import TrainingPlan
 
 
@@ -115,25 +115,27 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizer
 
 
 def make_callbacks(config: TrainConfig, *, train_images: int, checkpoint_dir: Path, has_validation: bool,
-                   best_so_far: float | None = None) -> list[keras.callbacks.Callback]:
+                   best_so_far: float | None = None, restore: bool = True) -> list[keras.callbacks.Callback]:
     """The callbacks of a run, in order.
 
-    MLflow per-epoch logging; ``BackupAndRestore`` under ``checkpoint_dir/backup``
-    (resume); with a validation split, best-``val_accuracy`` weights to
-    ``checkpoint_dir/best.weights.h5`` (above ``best_so_far`` when resuming);
+    Crash-safe resume state under ``checkpoint_dir/backup``
+    (:class:`~cifarflow.training.checkpoints.DurableBackup`); with a validation split,
+    best-``val_accuracy`` weights to ``checkpoint_dir/best.weights.h5`` (above
+    ``best_so_far`` when resuming; written atomically); then MLflow per-epoch
+    logging, so that an epoch is logged only once its checkpoint is durable;
     ``EarlyStopping`` on ``val_accuracy`` when ``early_stopping_patience`` is
     set; ``ReduceLROnPlateau`` on ``val_loss`` (``loss`` without validation)
     when ``reduce_lr_patience`` is set.
     """
+    logger = tracking.EpochLogger(train_images)
     callbacks: list[keras.callbacks.Callback] = [
-        tracking.EpochLogger(train_images),
-        keras.callbacks.BackupAndRestore(str(checkpoint_dir / "backup")),
-    ]
+        checkpoints.DurableBackup(checkpoint_dir / "backup", epoch_metrics=logger.epoch_metrics, restore=restore)]
     if has_validation:
-        callbacks.append(keras.callbacks.ModelCheckpoint(
+        callbacks.append(checkpoints.AtomicModelCheckpoint(
             str(checkpoint_dir / "best.weights.h5"), monitor="val_accuracy", mode="max", save_best_only=True,
             save_weights_only=True, initial_value_threshold=best_so_far,
         ))
+    callbacks.append(logger)
     if config.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_accuracy", mode="max", patience=config.early_stopping_patience))
@@ -177,19 +179,32 @@ def _metric_history(run_id: str, keys) -> dict[str, list[float]]:
     return out
 
 
+def _check_resumable(config: TrainConfig, resume: str, dataset_sha256: str) -> None:
+    """Refuse a resume before anything is written: no resume state, no such run, or a run of another
+    recipe, other data or other settings (the run stays as it was)."""
+    if not (checkpoint_root() / resume / "backup" / checkpoints.STATE).is_file():
+        raise CifarflowError(
+            f"run {resume} has no resume state in {checkpoint_root().absolute() / resume / 'backup'} "
+            "(finished runs keep none)",
+            "resume from the directory the run started in (or set CIFARFLOW_CHECKPOINTS), or start a new run",
+        )
+    try:
+        run = mlflow.tracking.MlflowClient().get_run(resume)
+    except Exception as exc:
+        raise CifarflowError(f"cannot resume run {resume}: {exc}".splitlines()[0],
+                             "pass the run id printed when the run was interrupted") from None
+    tags = run.data.tags
+    differ = [f"{k}: {tags[k]} -> {v}" for k, v in (("cifarflow.recipe", config.recipe),
+                                                   ("cifarflow.dataset_sha256", dataset_sha256))
+              if k in tags and tags[k] != v] + tracking.param_differences(resume, config.params())
+    if differ:
+        raise CifarflowError(f"run {resume} was logged with other settings ({'; '.join(differ)})",
+                             "resume with the recipe, data and settings of the original run, or start a new run")
+
+
 def _start_run(config: TrainConfig, run_name: str | None, resume: str | None):
     if resume:
-        if not (checkpoint_root() / resume / "backup").is_dir():
-            raise CifarflowError(
-                f"run {resume} has no resume state in {checkpoint_root().absolute() / resume / 'backup'} "
-                "(finished runs keep none)",
-                "resume from the directory the run started in (or set CIFARFLOW_CHECKPOINTS), or start a new run",
-            )
-        try:
-            return mlflow.start_run(run_id=resume)
-        except Exception as exc:
-            raise CifarflowError(f"cannot resume run {resume}: {exc}".splitlines()[0],
-                                 "pass the run id printed when the run was interrupted") from None
+        return mlflow.start_run(run_id=resume)
     if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: use its run, with our name
         run = mlflow.start_run()
         if run_name:
@@ -297,7 +312,8 @@ def _fit_plan(model: keras.Model, plan: TrainingPlan, config: TrainConfig, train
         mlflow.log_metrics({"trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
                             **counts}, step=epoch)
         callbacks = make_callbacks(config, train_images=train_images, checkpoint_dir=checkpoint_dir,
-                                   has_validation=val_ds is not None, best_so_far=best_so_far)
+                                   has_validation=val_ds is not None, best_so_far=best_so_far,
+                                   restore=index == 1)  # a later phase goes on from the model in memory
         callbacks += list(extra_callbacks or [])
         fitted = model.fit(train_ds, validation_data=val_ds, initial_epoch=epoch, epochs=epoch + phase.epochs,
                            callbacks=callbacks, shuffle=False, verbose=0 if quiet else 1)  # the dataset shuffles, seeded
@@ -426,13 +442,20 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
     model = build_and_compile(config, splits.ds.num_classes, splits.x_train)
     train_ds, val_ds, data_callbacks = input_pipelines(config, splits)
 
+    if resume:
+        _check_resumable(config, resume, splits.ds.checksum)
     runs = contextlib.nullcontext(mlflow.active_run()) if in_active_run else _start_run(config, run_name, resume)
     with runs as run:
         run_id = run.info.run_id
         ckpt_dir = checkpoint_root() / run_id
+        state = checkpoints.read_state(ckpt_dir / "backup") if resume else None
         best_so_far = max(_metric_history(run_id, ["val_accuracy"])["val_accuracy"], default=None) if resume else None
         _log_inputs(config, splits, model, run_id, {**plan.tags(model), **tags})
-        started = time.perf_counter()
+        if state and state["metrics"]["values"]:  # killed after the checkpoint, before the epoch's MLflow log
+            step = state["metrics"]["step"]
+            if step not in {m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, "train_loss")}:
+                mlflow.log_metrics(state["metrics"]["values"], step=step)
+        started = time.perf_counter() - (state["train_seconds"] if state else 0.0)  # train_seconds sums segments
         with _resumable(run_id, ckpt_dir, in_active_run):
             _fit_plan(model, plan, config, train_ds, val_ds, quiet=quiet, train_images=len(splits.y_train),
                       checkpoint_dir=ckpt_dir, best_so_far=best_so_far,

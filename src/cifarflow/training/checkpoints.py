@@ -1,0 +1,154 @@
+"""Crash-safe resume state: every checkpoint file is written to a temporary name and renamed into place,
+before the epoch it records is logged to MLflow (DESIGN.md, "Backends and durability").
+
+Layout of ``<checkpoint_dir>/backup``: ``epoch-<e>.weights.h5`` (model and optimizer variables after
+epoch ``e``; the current and the previous one are kept) and ``state.json``, the commit point, naming the
+current file, the previous one, the epoch to start from, the epoch's per-epoch metrics (re-logged on
+resume when a kill came between the checkpoint and the MLflow log) and the training seconds so far.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import keras
+
+from cifarflow.errors import CifarflowError
+
+STATE = "state.json"
+KILL_HOOK = "CIFARFLOW_TEST_KILL"  # tests only: "<point>:<epoch>", see _test_kill
+
+
+def _test_kill(point: str, epoch: int) -> None:
+    """SIGKILL this process at ``point`` of ``epoch`` when ``$CIFARFLOW_TEST_KILL`` says so (a deterministic
+    kill -9 inside the checkpoint window for the tests: ``partial`` = half a weights file written,
+    ``durable`` = checkpoint on disk, epoch not yet logged to MLflow)."""
+    if os.environ.get(KILL_HOOK) == f"{point}:{epoch}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp_path)``, fsync, rename to ``path``, fsync the folder: after a crash ``path`` is the old
+    file or the whole new one, never a part."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_state(backup_dir: Path) -> dict | None:
+    """The committed state of ``backup_dir`` (see the module docstring), or None when there is none."""
+    try:
+        return json.loads((Path(backup_dir) / STATE).read_text())
+    except FileNotFoundError:
+        return None
+
+
+class DurableBackup(keras.callbacks.Callback):
+    """Resume state written crash-safely at the end of every epoch (replaces ``keras.callbacks.BackupAndRestore``).
+
+    Put it before the callback that logs the epoch to MLflow: when ``on_epoch_end`` returns, the epoch's
+    weights and optimizer state are on disk. On ``on_train_begin`` it restores the last committed epoch
+    (``fit`` then starts at the epoch after it).
+
+    Args:
+        backup_dir: folder of the state.
+        epoch_metrics: callable ``(epoch, logs) -> dict`` giving the per-epoch metrics to keep with the
+            checkpoint (the MLflow logger's), so that an epoch whose log was lost can be logged on resume.
+        restore: restore the committed state when training begins (the first ``fit`` of a run).
+
+    Raises:
+        CifarflowError: the committed weights file is missing or damaged (the message names the
+            previous good epoch).
+    """
+
+    def __init__(self, backup_dir: str | os.PathLike, epoch_metrics=None, restore: bool = True) -> None:
+        super().__init__()
+        self.backup_dir = Path(backup_dir)
+        self.epoch_metrics = epoch_metrics
+        self.restore = restore
+        self._segment_start = time.perf_counter()
+        self._seconds_before = 0.0
+
+    def on_train_begin(self, logs=None):
+        self._segment_start = time.perf_counter()
+        state = read_state(self.backup_dir)
+        self._seconds_before = float(state.get("train_seconds", 0.0)) if state else 0.0
+        if not state or not self.restore:
+            return
+        weights = self.backup_dir / state["weights"]
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        try:
+            self.model.load_weights(str(weights))
+        except Exception as exc:
+            previous = state.get("previous")
+            good = (f"the previous good checkpoint is epoch {previous['epoch'] - 1} ({self.backup_dir / previous['weights']})"
+                    if previous else "there is no earlier checkpoint")
+            raise CifarflowError(
+                f"the checkpoint of epoch {state['epoch'] - 1} ({weights}) is damaged "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {good}",
+                f"to resume from the previous epoch, replace {self.backup_dir / STATE} by {STATE}.previous; "
+                "or start a new run") from None
+        self.model._initial_epoch = int(state["epoch"])
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.backup_dir.mkdir(parents=True, exist_ok=True)
+        name = f"epoch-{epoch}.weights.h5"
+        old = read_state(self.backup_dir)
+
+        def write_weights(tmp: Path):
+            if os.environ.get(KILL_HOOK) == f"partial:{epoch}":
+                self.model.save_weights(str(self.backup_dir / ".whole.weights.h5"))
+                data = (self.backup_dir / ".whole.weights.h5").read_bytes()
+                tmp.write_bytes(data[: len(data) // 2])
+                _test_kill("partial", epoch)
+            keras_tmp = tmp.with_name(tmp.name + ".weights.h5")  # Keras wants the .weights.h5 suffix
+            self.model.save_weights(str(keras_tmp))
+            os.replace(keras_tmp, tmp)
+
+        _write_atomically(self.backup_dir / name, write_weights)
+        state = {
+            "epoch": epoch + 1, "weights": name,
+            "previous": {k: old[k] for k in ("epoch", "weights")} if old else None,
+            "metrics": {"step": epoch, "values": self.epoch_metrics(epoch, logs) if self.epoch_metrics else {}},
+            "train_seconds": self._seconds_before + time.perf_counter() - self._segment_start,
+        }
+        if old:
+            _write_atomically(self.backup_dir / (STATE + ".previous"),
+                              lambda tmp: tmp.write_text(json.dumps(old)))
+        _write_atomically(self.backup_dir / STATE, lambda tmp: tmp.write_text(json.dumps(state)))  # commit
+        keep = {name, old["weights"] if old else None}
+        for stale in self.backup_dir.glob("epoch-*.weights.h5"):
+            if stale.name not in keep:
+                stale.unlink(missing_ok=True)
+        _test_kill("durable", epoch)
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """``keras.callbacks.ModelCheckpoint`` (weights only) whose file is written to a temporary name and
+    renamed into place: a kill mid-write leaves the previous best file whole."""
+
+    def _save_model(self, epoch, batch, logs):
+        final = self.filepath
+        tmp = str(Path(final).with_name(f".tmp-{os.getpid()}-{Path(final).name}"))
+        self.filepath = tmp
+        try:
+            super()._save_model(epoch, batch, logs)
+        finally:
+            self.filepath = final
+        if os.path.exists(tmp):
+            os.replace(tmp, final)
