@@ -1,9 +1,10 @@
-"""Small helpers every layer may import (nothing from cifarflow): YAML scalar parsing, file hashing."""
+"""Small helpers every layer may import (nothing from cifarflow): YAML scalar parsing, file hashing, the Keras cache folder."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -24,3 +25,14 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def keras_models_dir() -> Path:
+    """Where Keras caches downloaded application weights: ``<KERAS_HOME or ~/.keras>/models``."""
+    try:
+        from keras.src.backend.config import keras_home  # what keras.utils.get_file uses
+
+        home = keras_home()
+    except ImportError:
+        home = os.environ.get("KERAS_HOME", Path.home() / ".keras")
+    return Path(home).expanduser() / "models"

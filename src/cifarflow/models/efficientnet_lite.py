@@ -37,7 +37,7 @@ import numpy as np
 from keras import layers
 
 from cifarflow.errors import CifarflowError
-from cifarflow.utils import sha256_file
+from cifarflow.utils import keras_models_dir, sha256_file
 
 # (width, depth, ImageNet resolution, dropout) per variant, from efficientnet_lite_builder.py
 VARIANTS = {
@@ -276,8 +276,6 @@ def imagenet_weights_file(variant: str = "lite0", cache_dir: str | os.PathLike |
     """
     src = checkpoint_file(variant)
     if cache_dir is None:
-        from cifarflow.models.transfer import keras_models_dir
-
         cache_dir = keras_models_dir()
     dst = Path(cache_dir) / f"efficientnet_{variant}_imagenet_{sha256_file(src)[:12]}.weights.h5"
     if dst.is_file():
@@ -296,14 +294,16 @@ def imagenet_weights_file(variant: str = "lite0", cache_dir: str | os.PathLike |
     return dst
 
 
-def load_imagenet_weights(model: keras.Model, variant: str = "lite0") -> Path:
+def load_imagenet_weights(model: keras.Model, variant: str = "lite0",
+                          cache_dir: str | os.PathLike | None = None) -> Path:
     """Load the converted ImageNet weights into ``model`` (an :func:`efficientnet_lite` of ``variant``,
-    with or without its top); returns the ``.weights.h5`` file used.
+    with or without its top); returns the ``.weights.h5`` file used (converted into ``cache_dir``,
+    default the Keras cache, on first use).
 
     Raises:
         CifarflowError: missing package or reader (see :func:`imagenet_weights_file`).
     """
-    path = imagenet_weights_file(variant)
+    path = imagenet_weights_file(variant, cache_dir)
     if any(l.name == "predictions" for l in model.layers):
         model.load_weights(path)
     else:  # headless: copy by layer name from a full model

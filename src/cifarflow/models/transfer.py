@@ -15,7 +15,6 @@ frozen, and a frozen BatchNormalization runs in inference mode in Keras 3.
 
 
 import hashlib
-import os
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -27,7 +26,7 @@ from keras import layers
 
 from cifarflow.errors import CifarflowError
 from cifarflow.models import efficientnet_lite
-from cifarflow.utils import sha256_file
+from cifarflow.utils import keras_models_dir, sha256_file
 
 # backbone -> (Keras application, scale, offset of its preprocess_input as a Rescaling layer, or None
 # when the application rescales inside itself and expects 0..255).
@@ -50,17 +49,6 @@ Width = Annotated[float, pydantic.Field(gt=0)]
 # Keras' EfficientNet (B0-B7) adds Rescaling(1 / sqrt(std)) after its Normalization only when
 # weights == "imagenet"; a Keras ImageNet .h5 file given as a path gets it folded into the variance.
 _IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
-
-
-def keras_models_dir() -> Path:
-    """Where Keras caches downloaded application weights: ``<KERAS_HOME or ~/.keras>/models``."""
-    try:
-        from keras.src.backend.config import keras_home  # what keras.utils.get_file uses
-
-        home = keras_home()
-    except ImportError:
-        home = os.environ.get("KERAS_HOME", Path.home() / ".keras")
-    return Path(home).expanduser() / "models"
 
 
 def _weights_kind(weights: str | None) -> str:
@@ -137,7 +125,7 @@ def make_backbone(backbone: str, resolution: int, weights: str | None, alpha: fl
     if backbone in _LITE:
         model = efficientnet_lite.efficientnet_lite(_LITE[backbone], input_shape=(resolution, resolution, 3))
         if kind == "imagenet":
-            efficientnet_lite.load_imagenet_weights(model, _LITE[backbone])
+            efficientnet_lite.load_imagenet_weights(model, _LITE[backbone], cache_dir=keras_models_dir())
         if kind == "path":
             _load_weights_file(model, backbone, weights, alpha)
         return model
@@ -356,7 +344,7 @@ def weights_tags(weights: str | None, model: keras.Model) -> dict[str, str]:
     if kind == "path":
         tags["cifarflow.weights_sha256"] = sha256_file(weights_file(str(weights)))
     elif kind == "imagenet" and model.name in _LITE:
-        path = efficientnet_lite.imagenet_weights_file(_LITE[model.name])
+        path = efficientnet_lite.imagenet_weights_file(_LITE[model.name], cache_dir=keras_models_dir())
         tags.update({"cifarflow.weights_sha256": sha256_file(path), "cifarflow.weights_file": str(path)})
     elif kind == "imagenet":
         tags["cifarflow.weights_sha256"] = "arrays:" + sha256_weights(backbone_of(model))
