@@ -40,7 +40,9 @@ def test_compare_tabulates_several_runs(train_data, tmp_path, capsys):
     assert by_id[b.run_id]["test_accuracy_tta"] != ""
     for r in rows:
         assert float(r["model_mb"]) > 0 and float(r["latency_ms"]) > 0 and float(r["train_seconds"]) > 0
-        assert -1 <= float(r["train_val_gap"]) <= 1
+        m = {k: mlflow.tracking.MlflowClient().get_metric_history(r["run_id"], k) for k in ("train_accuracy", "val_accuracy")}
+        last = {k: max(h, key=lambda x: x.step).value for k, h in m.items()}
+        assert float(r["train_val_gap"]) == pytest.approx(last["train_accuracy"] - last["val_accuracy"])
     for name in ("comparison.md", "accuracy_vs_params.png", "accuracy_vs_train_time.png", "per_class_accuracy.png"):
         assert (out / name).is_file()
     run = mlflow.search_runs(experiment_names=["cifarflow/comparison"], output_format="list")[0]

@@ -89,6 +89,43 @@ def test_epochs_null_keeps_the_recipes_epochs():
     two_phase = config.resolve("mobilenetv2", {"epochs": None, "head_epochs": 1, "fine_tune_epochs": 2})
     assert two_phase.epochs == 3
     with pytest.raises(CifarflowError, match="head_epochs \\+ fine_tune_epochs"):
-        config.resolve("mobilenetv2", {"epochs": 10})  # why the entry point no longer passes --epochs
+        config.resolve("mobilenetv2", {"epochs": 10, "head_epochs": 1, "fine_tune_epochs": 2})  # all three: must add up
     mlproject = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["tune"]
     assert mlproject["parameters"]["epochs"]["default"] == "null" and "--set epochs={epochs}" in mlproject["command"]
+
+
+def test_a_recipe_extends_another_and_states_only_what_differs(tmp_path):
+    cnn, small = config.resolve("cnn"), config.resolve("cnn_small")
+    assert "extends" in yaml.safe_load((config.recipes_dir() / "cnn_small.yaml").read_text())
+    differ = {k for k in cnn.params() if cnn.params()[k] != small.params()[k]}
+    assert differ == {"recipe", "width", "dropout", "dense_units", "epochs"}
+    assert (small.model_params["width"], small.model_params["blocks"], small.learning_rate) == (0.5, 3, 0.1)
+    logged = yaml.safe_load(small.to_yaml())  # what a run logs as recipe.yaml: the resolved recipe
+    assert "extends" not in logged and logged["learning_rate"] == 0.1 and logged["model"]["depth"] == 2
+    assert logged["model"]["width"] == 0.5 and logged["description"].startswith("Custom CNN at half width")
+
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nepochs: 3\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nmodel: {name: cnn}\n")
+    with pytest.raises(CifarflowError, match="extends itself"):
+        config.resolve(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("extends: cnn_small\nmodel: {name: resnet20}\nepochs: 2\n")
+    child = config.resolve(str(tmp_path / "c.yaml"))  # another model: the parent's model parameters do not apply
+    assert child.model == "resnet20" and "width" not in child.model_params and child.recipe == "c"
+    assert child.learning_rate == small.learning_rate and child.epochs == 2
+    (tmp_path / "d.yaml").write_text("extends: nosuchrecipe\n")
+    with pytest.raises(CifarflowError, match="no recipe 'nosuchrecipe'"):
+        config.resolve(str(tmp_path / "d.yaml"))
+
+
+@pytest.mark.parametrize("overrides, head, fine_tune", [
+    ({"epochs": 2}, 1, 1),  # mobilenetv2 is 5 + 10: the total keeps the recipe's 1:2 ratio
+    ({"epochs": 6}, 2, 4),
+    ({"epochs": 15}, 5, 10),
+    ({"epochs": 1}, 1, 0),
+    ({"epochs": 4, "head_epochs": 3}, 3, 1),  # one phase given: the other gets the rest
+    ({"epochs": 4, "fine_tune_epochs": 4}, 0, 4),
+])
+def test_epochs_of_a_two_phase_recipe_is_the_total(overrides, head, fine_tune):
+    cfg = config.resolve("mobilenetv2", overrides)
+    assert (cfg.epochs, cfg.head_epochs, cfg.fine_tune_epochs) == (head + fine_tune, head, fine_tune)
+    assert config.split_epochs(9, 0, 3) == (0, 9) and config.split_epochs(9, 3, 0) == (9, 0)

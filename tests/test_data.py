@@ -6,6 +6,7 @@ import os
 import shutil
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +75,26 @@ def test_archives_are_extracted_into_the_cache_not_beside(tmp_path, kind, layout
     assert ds.checksum == expected.checksum
     assert os.listdir(archive_dir) == [archive.name]  # nothing extracted beside it
     assert any((tmp_path / "cache" / "extracted").iterdir())
+
+
+@pytest.mark.parametrize("member", ["../escaped.txt", "/tmp/cifarflow-absolute-escape.txt", "link"])
+def test_a_tar_that_writes_outside_its_folder_is_refused(tmp_path, member):
+    import io
+
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        info = tarfile.TarInfo(member)
+        if member == "link":  # a symlink out of the extraction folder
+            info.type, info.linkname = tarfile.SYMTYPE, "../../../../etc/passwd"
+            tf.addfile(info)
+        else:
+            info.size = 4
+            tf.addfile(info, io.BytesIO(b"evil"))
+    with pytest.raises(CifarflowError) as e:  # refused, or (an absolute path) kept inside and then no dataset
+        datasets.load(archive)
+    assert "cannot extract" in str(e.value) or member.startswith("/")
+    assert not (tmp_path / "escaped.txt").exists() and not Path("/tmp/cifarflow-absolute-escape.txt").exists()
+    assert not (tmp_path / "cache" / "escaped.txt").exists() and not (tmp_path / "cache" / "extracted" / "escaped.txt").exists()
 
 
 def test_second_load_comes_from_the_npz_cache(folder_data, monkeypatch):
@@ -177,7 +198,7 @@ def test_corrupt_images_are_named_or_skipped(folder_data):
         datasets.load(folder_data)
     assert "\n" not in str(e.value)
     ds = datasets.load(folder_data, skip_corrupt=True)
-    assert ds.skipped == 2 and len(ds.y_train) == 35 and len(ds.y_test) == 11
+    assert len(ds.skipped_files) == 2 and len(ds.y_train) == 35 and len(ds.y_test) == 11
     assert sorted(ds.skipped_files) == sorted(map(str, bad))
 
 

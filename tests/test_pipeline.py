@@ -40,8 +40,20 @@ def test_default_augmentation_is_crop_and_flip_and_changes_images():
     out = np.asarray(aug(x.astype(np.float32), training=True))
     assert out.shape == x.shape
     assert not np.array_equal(out, x)
-    # a pad-and-crop of at most 4 pixels: each output row is a shifted input row or zero fill
-    assert (out == 0).mean() < 0.3
+    # each output is its input shifted by at most 4 pixels each way (zero fill), maybe mirrored
+    def shifted(img, dy, dx):
+        moved = np.zeros_like(img)
+        moved[max(dy, 0):32 + min(dy, 0), max(dx, 0):32 + min(dx, 0)] = img[max(-dy, 0):32 + min(-dy, 0),
+                                                                            max(-dx, 0):32 + min(-dx, 0)]
+        return moved
+
+    moves = []
+    for xi, oi in zip(x.astype(np.float32), out):
+        found = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5) for img in (xi, xi[:, ::-1])
+                 if np.array_equal(oi, shifted(img, dy, dx))]
+        assert found, "not a crop of at most 4 pixels of its input"
+        moves.append(found[0])
+    assert any(m != (0, 0) for m in moves)  # and the crops do move
 
 
 def test_optional_augmentations_and_none():

@@ -88,6 +88,10 @@ def test_same_seed_gives_the_same_metrics(train_data):
         assert history(client, a.run_id, key) == history(client, b.run_id, key)
     assert a.metrics["test_loss"] == b.metrics["test_loss"]
 
+    c = train(tiny_config(train_data, epochs=2, seed=8), quiet=True)  # another seed: another run, not a replay
+    assert history(client, c.run_id, "train_loss") != history(client, a.run_id, "train_loss")
+    assert c.metrics["test_loss"] != a.metrics["test_loss"]
+
 
 def test_an_interrupted_run_resumes_from_its_last_epoch(train_data, monkeypatch):
     cfg = tiny_config(train_data, epochs=3)
@@ -138,8 +142,11 @@ def test_mixed_precision_and_flip_tta(train_data):
     assert keras.config.dtype_policy().name == "float32"  # restored for whoever runs next
     run = mlflow.tracking.MlflowClient().get_run(result.run_id)
     assert run.data.params["precision"] == "mixed_bfloat16" and run.data.params["mixup_alpha"] == "0.2"
-    assert 0 <= run.data.metrics["test_accuracy_tta"] <= 1
     model = mlflow.keras.load_model(result.model_uri)
+    ds = datasets.load(train_data)
+    x = ds.x_test.astype(np.float32)
+    flipped = (model.predict(x, verbose=0) + model.predict(x[:, :, ::-1], verbose=0)) / 2  # image and its mirror
+    assert run.data.metrics["test_accuracy_tta"] == pytest.approx((flipped.argmax(1) == ds.y_test).mean())
     assert model.get_layer("block1_conv1").compute_dtype == "bfloat16"
     assert model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0).dtype == np.float32
 

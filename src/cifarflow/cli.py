@@ -100,10 +100,24 @@ def run_name(config, recipe: str) -> str:
     return "-".join(parts)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The command group; notes whether the command line asks for help (no TensorFlow needed then)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["cifarflow.help"] = any(a in ("-h", "--help") for a in args)
+        return super().parse_args(ctx, args)
+
+
+WITHOUT_TENSORFLOW = ("data",)  # commands that never import TensorFlow
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cifarflow")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """cifarflow: MLflow-tracked CIFAR-10 experiments."""
+    if ctx.invoked_subcommand not in WITHOUT_TENSORFLOW and not ctx.meta["cifarflow.help"]:
+        _import_tensorflow_quietly()
 
 
 @cli.command()
@@ -120,7 +134,6 @@ def cli() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, trust_data, resume, quiet) -> None:
     """Train RECIPE (a name in experiments/ or a .yaml path) and log it to MLflow."""
-    _import_tensorflow_quietly()
     from cifarflow import config as cfg
     from cifarflow.training.trainer import train as run_training
 
@@ -158,7 +171,6 @@ def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, trust_d
 def tune(recipe, study_name, trials, storage, space_path, timeout, n_jobs, heartbeat, metric, retrain_best,
          data, trust_data, epochs, limit, seed, sets, quiet) -> None:
     """Search RECIPE's settings with Optuna; every trial is a nested MLflow run."""
-    _import_tensorflow_quietly()
     from cifarflow import config as cfg
     from cifarflow.training import tuning
 
@@ -182,7 +194,6 @@ def tune(recipe, study_name, trials, storage, space_path, timeout, n_jobs, heart
               help="Size of the fixed test subset for FGSM robustness.")
 def evaluate_command(model_ref, data, tta, fgsm_images) -> None:
     """Score MODEL (models:/..., runs:/RUN_ID or a run id) on its test set; log a linked run."""
-    _import_tensorflow_quietly()
     from cifarflow.evaluation import evaluator, scoring
 
     run_id, metrics = evaluator.evaluate(model_ref, data=data, tta=tta, fgsm_images=fgsm_images)
@@ -199,7 +210,6 @@ def evaluate_command(model_ref, data, tta, fgsm_images) -> None:
 def compare_command(experiments, metric, out, latency) -> None:
     """Table and plots of finished runs side by side, logged as a comparison run."""
     check_output(out, "--out")
-    _import_tensorflow_quietly()
     from pathlib import Path
 
     from cifarflow.evaluation import compare
@@ -221,7 +231,6 @@ def compare_command(experiments, metric, out, latency) -> None:
               help="Size of the fixed test subset for FGSM robustness.")
 def ensemble_command(model_refs, method, weights, data, tta, fgsm_images) -> None:
     """Vote MODEL_URI... (models:/..., runs:/RUN_ID or run ids); score and log the ensemble as a pyfunc model."""
-    _import_tensorflow_quietly()
     from cifarflow.evaluation import ensemble, scoring
 
     result = ensemble.ensemble(list(model_refs), method, ensemble.parse_weights(weights, len(model_refs)),
@@ -262,8 +271,8 @@ def data_info(source, out, skip_corrupt, resize, trust_data) -> None:
     click.echo(f"sha256:   {ds.checksum}")
     click.echo(f"images:   {len(ds.y_train)} train, {len(ds.y_test)} test, {ds.num_classes} classes, "
                f"{ds.x_train.shape[1]}x{ds.x_train.shape[2]}x{ds.x_train.shape[3]} {ds.x_train.dtype}")
-    if ds.skipped:
-        click.echo(f"skipped:  {ds.skipped} corrupt images")
+    if ds.skipped_files:
+        click.echo(f"skipped:  {len(ds.skipped_files)} corrupt images")
     width = max(len(c) for c in ds.class_names)
     click.echo(f"{'class':<{width}}  {'train':>6}  {'test':>6}")
     for name in ds.class_names:
@@ -281,7 +290,6 @@ def data_info(source, out, skip_corrupt, resize, trust_data) -> None:
 @click.option("--promote", "then_promote", is_flag=True, help="Then run `cifarflow promote` on the model.")
 def register(source, best_of, metric, name, then_promote) -> None:
     """Register SOURCE (models:/<model_id> or a run id) as the new challenger version."""
-    _import_tensorflow_quietly()
     from cifarflow.deploy import registry
     from cifarflow.tracking import refs
 
@@ -303,7 +311,6 @@ def _echo_decision(d) -> None:
 @click.option("--force", is_flag=True, help="Move champion even if the policy says no (recorded as forced).")
 def promote(model, force) -> None:
     """Move MODEL's champion alias to its challenger if it beats the champion by the policy's margin."""
-    _import_tensorflow_quietly()
     from cifarflow.deploy import registry
 
     _echo_decision(registry.promote(model, force=force))
@@ -320,7 +327,6 @@ def export_command(model_uri, fmt, quantize, out, data) -> None:
     """Export MODEL_URI (models:/NAME/VERSION, NAME@ALIAS) to ONNX/TFLite, verified against Keras."""
     if out:
         check_output(out, "--out")
-    _import_tensorflow_quietly()
     from pathlib import Path
 
     from cifarflow.deploy import export as ex
@@ -346,7 +352,6 @@ def export_command(model_uri, fmt, quantize, out, data) -> None:
 def pull(model, fmt, quantize, dest) -> None:
     """Download MODEL (NAME@ALIAS, NAME/VERSION) for deployment, with a model_card.json."""
     check_output(dest, "--dest")
-    _import_tensorflow_quietly()
     from pathlib import Path
 
     from cifarflow.deploy.pull import pull as pull_version

@@ -207,11 +207,17 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def load_recipe(name_or_path: str) -> dict[str, Any]:
-    """Read a recipe file (by name from :func:`recipes_dir`, or a path) as a dict.
+def load_recipe(name_or_path: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a recipe file (by name from :func:`recipes_dir`, or a path) as a dict, its ``extends:`` resolved.
+
+    A recipe may ``extends: <recipe name or path>`` and state only what differs:
+    top-level settings replace the parent's, the ``model:`` mapping is merged key
+    by key (the parent's model parameters are dropped when the child names another
+    model). The result has no ``extends`` key; ``recipe`` is the file's own name.
 
     Raises:
-        CifarflowError: missing file, invalid YAML, or no ``model`` section.
+        CifarflowError: missing file, invalid YAML, no ``model`` section (after
+            inheritance), or recipes that extend each other in a loop.
     """
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
@@ -225,10 +231,64 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise CifarflowError(f"invalid YAML in {path}: {exc}".replace("\n", " "), "fix the recipe file") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or "name" not in raw["model"]:
+    if not isinstance(raw, dict):
+        raise CifarflowError(f"{path} is not a mapping of settings", "see experiments/cnn.yaml")
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        here = str(path.resolve())
+        if here in _chain:
+            raise CifarflowError(f"recipe {path} extends itself (through {' -> '.join(Path(c).stem for c in _chain)})",
+                                 "remove the loop of extends:")
+        parent_path = path.parent / str(parent) if str(parent).endswith((".yaml", ".yml")) else str(parent)
+        base = load_recipe(str(parent_path), (*_chain, here))
+        base.pop("recipe")
+        model = raw.get("model") or {}
+        if isinstance(model, dict) and model.get("name", base["model"]["name"]) == base["model"]["name"]:
+            model = {**base["model"], **model}
+        raw = {**base, **raw, "model": model}
+    if not isinstance(raw.get("model"), dict) or "name" not in raw["model"]:
         raise CifarflowError(f"{path} has no 'model:' mapping with a 'name'", "see experiments/cnn.yaml")
     raw.setdefault("recipe", path.stem)
     return raw
+
+
+def split_epochs(total: int, head_epochs: int, fine_tune_epochs: int) -> tuple[int, int]:
+    """Split ``total`` epochs of a two-phase recipe into ``(head_epochs, fine_tune_epochs)`` in the recipe's ratio.
+
+    ``head = round(total * head_epochs / (head_epochs + fine_tune_epochs))``, then
+    kept at 1 or more when the recipe has a head phase, and at ``total - 1`` or
+    less when it has a fine-tune phase and ``total >= 2``; fine-tune gets the rest.
+    E.g. 5 + 10 with ``--epochs 2`` -> 1 + 1, ``--epochs 6`` -> 2 + 4, ``--epochs 1`` -> 1 + 0.
+    """
+    if head_epochs + fine_tune_epochs == 0:
+        return 0, total
+    head = round(total * head_epochs / (head_epochs + fine_tune_epochs))
+    if head_epochs:
+        head = max(head, 1)
+    if fine_tune_epochs and total >= 2:
+        head = min(head, total - 1)
+    head = min(head, total)
+    return head, total - head
+
+
+def _phase_split(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """``--epochs N`` on a two-phase recipe: N is the total; the phase not given is what is left of it (both
+    absent: :func:`split_epochs`). Both phases and epochs given: left to the check that they add up."""
+    if overrides.get("epochs") is None or raw.get("source_task") is True:
+        return
+    if raw.get("head_epochs") is None or raw.get("fine_tune_epochs") is None:
+        return
+    try:
+        total, head, tune = (int(float(raw[k])) for k in ("epochs", "head_epochs", "fine_tune_epochs"))
+    except (TypeError, ValueError):
+        return  # the field validators report the bad value
+    given = {"head_epochs", "fine_tune_epochs"} & set(overrides)
+    if given == {"head_epochs"}:
+        raw["fine_tune_epochs"] = total - head
+    elif given == {"fine_tune_epochs"}:
+        raw["head_epochs"] = total - tune
+    elif not given:
+        raw["head_epochs"], raw["fine_tune_epochs"] = split_epochs(total, head, tune)
 
 
 def resolve(recipe: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -262,6 +322,7 @@ def resolve(recipe: str, overrides: dict[str, Any] | None = None) -> TrainConfig
                 f"training settings: {', '.join(k for k in TrainConfig.model_fields if k not in ('model', 'model_params', 'recipe', 'description'))}; "
                 f"model parameters: {', '.join(settable)}",
             )
+    _phase_split(raw, overrides or {})
     params = models.resolve_params(model_name, model_params)
     try:
         return TrainConfig(model=model_name, model_params=params, **raw)

@@ -30,20 +30,15 @@ def training_curves(history: dict[str, list[float]], path: Path) -> Path:
 
 
 def confusion_matrix(cm: np.ndarray, class_names, path: Path) -> Path:
-    """Confusion matrix (rows true, columns predicted) with counts, saved to ``path``."""
+    """Confusion matrix (rows true, columns predicted) with counts, saved to ``path`` (scikit-learn's
+    ``ConfusionMatrixDisplay``)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(cm, cmap="Blues")
-    n = len(class_names)
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
+    ConfusionMatrixDisplay(np.asarray(cm), display_labels=list(class_names)).plot(
+        ax=ax, cmap="Blues", values_format="d", xticks_rotation=45, text_kw={"fontsize": 7})
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    threshold = cm.max() / 2 if cm.size else 0
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if cm[i, j] > threshold else "black")
-    fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -43,7 +43,7 @@ class Dataset:
         checksum: sha256 (hex) of the decoded arrays and class names: equal for
             the same pixels whatever the file format they came from.
         source: the resolved source the arrays were read from.
-        skipped: number of corrupt images dropped (only with ``skip_corrupt``).
+        skipped_files: the corrupt image files dropped (only with ``skip_corrupt``).
     """
 
     x_train: np.ndarray
@@ -53,7 +53,6 @@ class Dataset:
     class_names: tuple[str, ...]
     checksum: str
     source: str = ""
-    skipped: int = 0
     skipped_files: tuple[str, ...] = field(default=(), repr=False)
 
     @property
@@ -134,7 +133,7 @@ def load(
 
     Args:
         source: ``"cifar10"`` or a path.
-        skip_corrupt: drop unreadable images (counted in ``Dataset.skipped``)
+        skip_corrupt: drop unreadable images (listed in ``Dataset.skipped_files``)
             instead of failing.
         resize: resize images that are not 32x32 instead of failing.
         use_cache: read and write the decoded-array cache.
@@ -314,7 +313,6 @@ def _make(x_train, y_train, x_test, y_test, class_names, skipped=()) -> Dataset:
         y_test=y_test,
         class_names=class_names,
         checksum=dataset_checksum(x_train, y_train, x_test, y_test, class_names),
-        skipped=len(skipped),
         skipped_files=tuple(skipped),
     )
 
@@ -370,13 +368,11 @@ def _extract_into(archive: Path, target: Path) -> None:
     """Extract into a temporary folder beside ``target``, then rename it into place (under the caller's lock)."""
     name = archive.name.lower()
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+    # tar: the "data" extraction filter refuses absolute paths, links out of the folder and device files;
+    # zip: zipfile strips absolute paths and ".." itself (and takes no filter)
+    safe = {} if name.endswith(".zip") else {"filter": "data"}
     try:
-        if name.endswith(".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                zf.extractall(tmp)
-        else:
-            with tarfile.open(archive) as tf:
-                tf.extractall(tmp, filter="data")
+        shutil.unpack_archive(archive, tmp, **safe)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CifarflowError(
@@ -609,5 +605,5 @@ def _read_cache(cache_file: Path, source: str) -> Dataset:
         return Dataset(
             x_train=z["x_train"], y_train=z["y_train"], x_test=z["x_test"], y_test=z["y_test"],
             class_names=tuple(str(c) for c in z["class_names"]), checksum=str(z["checksum"]),
-            source=source, skipped=len(skipped), skipped_files=skipped,
+            source=source, skipped_files=skipped,
         )

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import filelock
 import keras
 import mlflow
 import numpy as np
@@ -18,9 +19,6 @@ from cifarflow.errors import CifarflowError
 from cifarflow.utils import parse_value
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-EPOCH_METRICS = (
-    "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second",
-)
 
 
 def configure() -> str:
@@ -156,16 +154,10 @@ def sqlite_lock(url: str):
     if not url.startswith("sqlite:///"):
         yield
         return
-    import fcntl
-
     db = Path(url.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with filelock.FileLock(db.with_name(db.name + ".lock")):
+        yield
 
 
 def _create_sqlite_store_once(uri: str) -> None:
@@ -294,7 +286,9 @@ def log_params_once(run_id: str, params: dict) -> None:
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Logs the per-epoch metrics of DESIGN.md to the active MLflow run (step = epoch index).
+    """Logs the per-epoch metrics to the active MLflow run (step = epoch index): ``train_loss``,
+    ``train_accuracy``, ``val_loss``, ``val_accuracy`` (with a validation split), ``lr``,
+    ``epoch_seconds`` and ``images_per_second``.
 
     ``images_per_second`` counts training images over the training part of the
     epoch (validation excluded); ``epoch_seconds`` is the whole epoch.

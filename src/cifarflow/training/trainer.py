@@ -372,7 +372,7 @@ def _log_inputs(config: TrainConfig, splits: Splits, model: keras.Model, run_id:
         "num_classes": ds.num_classes, "tta_views": TTA_VIEWS[config.tta],
     })
     mlflow.log_text(config.to_yaml(), "recipe.yaml")
-    mlflow.log_metrics({"skipped_corrupt_images": ds.skipped, "params": model.count_params()})
+    mlflow.log_metrics({"skipped_corrupt_images": len(ds.skipped_files), "params": model.count_params()})
 
 
 def _score_and_log(model: keras.Model, config: TrainConfig, ds: datasets.Dataset, run_id: str,
