@@ -58,7 +58,7 @@ def layer(name: str) -> int:
     best, depth = None, -1
     for index, entries in enumerate(LAYERS):
         for entry in entries:
-            if (name == entry or name.startswith(entry + ".")) and entry.count(".") > depth:
+            if (name == entry or (entry != "cifarflow" and name.startswith(entry + "."))) and entry.count(".") > depth:
                 best, depth = index, entry.count(".")
     assert best is not None, f"{name} is in no layer of LAYERS"
     return best
