@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cifarflow import compare, evaluate, registry
+from cifarflow.deploy import pull, registry
+from cifarflow.evaluation import compare, evaluator
+from cifarflow.tracking import refs
 
 
 @pytest.mark.slow
 def test_compare_takes_tta_and_ece_from_the_newest_evaluation(trained, tmp_path):
-    _, old = evaluate.evaluate(trained.run_id, tta="flip", fgsm_images=3)
-    _, new = evaluate.evaluate(trained.run_id, tta="flip", fgsm_images=4)
+    _, old = evaluator.evaluate(trained.run_id, tta="flip", fgsm_images=3)
+    _, new = evaluator.evaluate(trained.run_id, tta="flip", fgsm_images=4)
     row = next(r for r in compare.collect() if r["run_id"] == trained.run_id)
     assert row["test_accuracy_tta"] == new["test_accuracy_tta"] and row["ece"] == new["ece"]
 
@@ -37,7 +39,7 @@ def test_the_table_is_rounded_and_the_csv_is_not(trained, tmp_path):
 
 
 def test_a_registered_version_keeps_only_deployer_tags(trained):
-    ref = registry.register(registry.resolve_source(trained.run_id))
+    ref = registry.register(refs.resolve_source(trained.run_id))
     registry.promote(ref.name)
     tags = MlflowClient().get_model_version(ref.name, ref.version).tags
     for key, value in tags.items():
@@ -49,15 +51,15 @@ def test_a_registered_version_keeps_only_deployer_tags(trained):
 
 @pytest.mark.slow
 def test_export_leaves_no_local_path_on_the_version_and_numbers_in_the_card(trained, tmp_path):
-    from cifarflow import export
+    from cifarflow.deploy import export
 
-    ref = registry.register(registry.resolve_source(trained.run_id))
+    ref = registry.register(refs.resolve_source(trained.run_id))
     registry.promote(ref.name)
     results, run_id = export.export(f"{ref.name}@champion", ["onnx"])
     tags = MlflowClient().get_model_version(ref.name, ref.version).tags
     assert tags["cifarflow.export.onnx.run_id"] == run_id
     assert not [k for k, v in tags.items() if v.startswith("/") or "export/" in v], tags
-    registry.pull(f"{ref.name}@champion", "onnx", tmp_path / "deploy")
+    pull.pull(f"{ref.name}@champion", "onnx", tmp_path / "deploy")
     card = json.loads((tmp_path / "deploy" / "model_card.json").read_text())
     assert card["export"]["max_abs_diff"] == results[0].max_abs_diff  # a number, at full precision
     assert card["export"]["size_bytes"] == results[0].size_bytes

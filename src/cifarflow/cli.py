@@ -12,30 +12,7 @@ import click  # noqa: E402
 
 from cifarflow.errors import CifarflowError  # noqa: E402
 from cifarflow.evaluation.metrics import TTA_MODES  # noqa: E402
-
-
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its C++ start-up log lines (absl, oneDNN, CUDA probes) held back.
-
-    TF 2.21 prints them before ``TF_CPP_MIN_LOG_LEVEL`` takes effect; they go to
-    a temporary file, which is replayed on stderr if the import fails.
-    """
-    import tempfile
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        except BaseException:
-            os.dup2(saved, 2)
-            held.seek(0)
-            sys.stderr.write(held.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+from cifarflow.serving import import_tensorflow_quietly  # noqa: E402
 
 
 def _overrides(sets, **options) -> dict:
@@ -117,7 +94,7 @@ WITHOUT_TENSORFLOW = ("data",)  # commands that never import TensorFlow
 def cli(ctx: click.Context) -> None:
     """cifarflow: MLflow-tracked CIFAR-10 experiments."""
     if ctx.invoked_subcommand not in WITHOUT_TENSORFLOW and not ctx.meta["cifarflow.help"]:
-        _import_tensorflow_quietly()
+        import_tensorflow_quietly()
 
 
 @cli.command()

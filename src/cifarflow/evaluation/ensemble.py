@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from cifarflow import tracking
+from cifarflow import serving, tracking
 from cifarflow.evaluation.metrics import fgsm, predict_probs
 from cifarflow.evaluation import scoring, voting
 from cifarflow.tracking.refs import load_keras, resolve_model, run_test_data
@@ -124,22 +125,6 @@ def scorer(refs: Sequence[str], method: str, weights: Sequence[float] | None, da
     return (ds, *voting_functions([m.model for m in members], method, weights, batch_size))
 
 
-def _requirements() -> list[str]:
-    import keras
-
-    pins = [f"mlflow=={mlflow.__version__}", f"keras=={keras.__version__}", f"numpy=={np.__version__}"]
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        pins.append(f"tensorflow=={tf.__version__}")
-    elif backend == "jax":
-        import jax
-
-        pins.append(f"jax=={jax.__version__}")
-    return pins
-
-
 def log_pyfunc(models: Sequence, method: str, weights: Sequence[float], x_example: np.ndarray,
                probs_example: np.ndarray, name: str = "model"):
     """Log the ensemble as an MLflow pyfunc LoggedModel in the active run.
@@ -147,8 +132,9 @@ def log_pyfunc(models: Sequence, method: str, weights: Sequence[float], x_exampl
     The model's code is :mod:`cifarflow.evaluation.voting` (self-contained), its
     artifacts the members as ``member_<i>.keras``, its config ``method`` and
     ``weights``; the signature is raw pixels float32 (-1, 32, 32, 3) to
-    probabilities float32 (-1, C), with one test image as input example. Requirements are pinned to this
-    environment's mlflow, keras, numpy and backend.
+    probabilities float32 (-1, C), with one test image as input example; NaN, infinite and
+    out-of-range pixels are refused (:func:`cifarflow.serving.pixel_problem`, logged beside
+    the code). Requirements are pinned to this environment's mlflow, keras, numpy and backend.
 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri`` is ``models:/<model_id>``).
@@ -161,13 +147,15 @@ def log_pyfunc(models: Sequence, method: str, weights: Sequence[float], x_exampl
             path = Path(tmp) / f"member_{i}.keras"
             model.save(path)
             artifacts[f"member_{i}"] = str(path)
+        code = Path(tmp) / f"{serving.LOADER_MODULE}.py"  # voting.py's pixel check, importable without cifarflow
+        shutil.copyfile(serving.__file__, code)
         return mlflow.pyfunc.log_model(
-            name=name, python_model=voting.__file__, artifacts=artifacts,
+            name=name, python_model=voting.__file__, artifacts=artifacts, code_paths=[str(code)],
             model_config={"method": method, "weights": [float(w) for w in weights]},
             # MLflow also logs the config as run params: `weights` must read as ensemble() logged it
             signature=infer_signature(np.asarray(x_example, np.float32), probs_example),
             input_example=np.asarray(x_example[:1], np.float32),  # the pyfunc flavor takes one (unlike keras, #16183)
-            pip_requirements=_requirements(),
+            pip_requirements=tracking.model_requirements(),
         )
 
 

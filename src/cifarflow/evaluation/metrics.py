@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from cifarflow.errors import CifarflowError
+from cifarflow.serving import pixel_problem
+
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names) -> dict:
     """Metrics of softmax outputs against integer labels.
@@ -87,8 +90,13 @@ def predict_probs(model, x: np.ndarray, tta: str = "none", batch_size: int = 256
         float32 array (N, num_classes).
 
     Raises:
+        CifarflowError: NaN, infinite or out-of-range pixels (the check of the
+            served model, :func:`cifarflow.serving.pixel_problem`).
         ValueError: unknown ``tta``.
     """
+    problem = pixel_problem(x)
+    if problem:
+        raise CifarflowError(problem, "pass images as decoded from their files: RGB values 0..255, no NaN")
     x = np.asarray(x, dtype=np.float32)
     if tta == "multiview":
         logp = sum(weight * np.log(np.maximum(model.predict(view, batch_size=batch_size, verbose=0), 1e-30))

@@ -1,8 +1,9 @@
 """Voting of member probabilities (soft/hard) and the MLflow pyfunc model file that serves a voting ensemble.
 
-This file is self-contained (numpy, keras and mlflow only): `cifarflow
-ensemble` logs it as the model's code ("models from code"), so a registered
-ensemble loads and serves where cifarflow itself is not installed.
+This file is self-contained (numpy, keras and mlflow, plus :mod:`cifarflow.serving`,
+which is logged beside it as ``cifarflow_serving.py``): `cifarflow ensemble` logs it
+as the model's code ("models from code"), so a registered ensemble loads and serves
+where cifarflow itself is not installed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from collections.abc import Sequence
 import mlflow
 import mlflow.pyfunc
 import numpy as np
+
+try:
+    from cifarflow.serving import pixel_problem
+except ImportError:  # served from the logged model's code/ folder, without cifarflow installed
+    from cifarflow_serving import pixel_problem
 
 METHODS = ("soft", "hard")
 TIE_BREAK = 1e-6  # share added to the winner of a tied hard vote, so that argmax finds it
@@ -80,6 +86,9 @@ class VotingEnsemble(mlflow.pyfunc.PythonModel):
         self.weights = config.get("weights")
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        problem = pixel_problem(model_input)
+        if problem:  # NaN, infinite or out-of-range pixels: HTTP 400 from `mlflow models serve`
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(f"{problem}: the model takes raw RGB pixels 0..255")
         x = np.asarray(model_input, dtype=np.float32)
         return combine([m.predict(x, verbose=0) for m in self.members], self.method, self.weights)
 

@@ -332,19 +332,61 @@ class EpochLogger(keras.callbacks.Callback):
         mlflow.log_metrics(self.epoch_metrics(epoch, logs), step=epoch)
 
 
-def log_keras_model(model: keras.Model, x_example: np.ndarray, name: str = "model"):
-    """Log ``model`` as an MLflow LoggedModel with a signature (no input example).
+class _ServedKerasFlavor:
+    """``mlflow.models.Model.log`` flavor: ``mlflow.keras``'s files and ``keras`` flavor, and
+    :mod:`cifarflow.serving` as the pyfunc loader (copied into the model's ``code/``)."""
 
-    ``mlflow.keras.log_model(..., input_example=...)`` fails with
+    __name__ = "cifarflow.serving"
+
+    @staticmethod
+    def save_model(path, mlflow_model, keras_model, signature, pip_requirements=None):
+        import shutil
+
+        from cifarflow import serving
+
+        mlflow.keras.save_model(keras_model, path, mlflow_model=mlflow_model, signature=signature,
+                                pip_requirements=pip_requirements)
+        code = Path(path) / "code"
+        code.mkdir(exist_ok=True)
+        shutil.copyfile(serving.__file__, code / f"{serving.LOADER_MODULE}.py")
+        pyfunc = mlflow_model.flavors["python_function"]
+        pyfunc.update({"loader_module": serving.LOADER_MODULE, "code": "code"})
+        mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+def model_requirements() -> list[str]:
+    """pip requirements of a logged model, pinned to this environment: mlflow, keras, numpy and the backend."""
+    pins = [f"mlflow=={mlflow.__version__}", f"keras=={keras.__version__}", f"numpy=={np.__version__}"]
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        pins.append(f"tensorflow=={tf.__version__}")
+    elif backend == "jax":
+        import jax
+
+        pins.append(f"jax=={jax.__version__}")
+    return pins
+
+
+def log_keras_model(model: keras.Model, x_example: np.ndarray, name: str = "model"):
+    """Log ``model`` as an MLflow LoggedModel: ``keras`` flavor plus the pyfunc of :mod:`cifarflow.serving`.
+
+    ``mlflow.keras.load_model`` returns the Keras model as usual; the pyfunc
+    (``mlflow models serve/predict``, ``mlflow.pyfunc.load_model``) predicts
+    without progress output and refuses NaN, infinite and out-of-range pixels
+    (HTTP 400). ``mlflow.keras.log_model(..., input_example=...)`` fails with
     ``FileNotFoundError: .../input_example.json`` (mlflow issue #16183), so the
-    signature is inferred here from ``x_example`` (float32 raw pixels) and the
-    model's output on it.
+    signature is inferred from ``x_example`` (float32 raw pixels) and the
+    model's output on it. Requirements are pinned to this environment
+    (:func:`model_requirements`), not inferred (which loads the model once more).
 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri`` is ``models:/<model_id>``).
     """
-    from mlflow.models import infer_signature
+    from mlflow.models import Model, infer_signature
 
     x_example = np.asarray(x_example, dtype=np.float32)
     signature = infer_signature(x_example, model.predict(x_example, verbose=0))
-    return mlflow.keras.log_model(model, name=name, signature=signature)
+    return Model.log(None, name=name, flavor=_ServedKerasFlavor, keras_model=model, signature=signature,
+                     pip_requirements=model_requirements())

@@ -1,0 +1,114 @@
+"""The pyfunc of a logged cifarflow Keras model: what `mlflow models serve/predict` and `mlflow.pyfunc.load_model` run.
+
+Self-contained (NumPy, Keras and MLflow only): :func:`cifarflow.tracking.log_keras_model`
+copies this file into each logged model's ``code/`` folder as ``cifarflow_serving.py``
+and names it the pyfunc loader, so a model predicts the same wherever it is served.
+
+The wrapper takes raw 0..255 RGB pixels (N, 32, 32, 3), refuses NaN, infinite and
+out-of-range values (MLflow's INVALID_PARAMETER_VALUE: HTTP 400 from the server) and
+predicts without progress output, so `mlflow models predict` writes nothing but JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+PIXEL_RANGE = (0, 255)
+LOADER_MODULE = "cifarflow_serving"  # this file's name inside a logged model's code/ folder
+
+
+def pixel_problem(x) -> str | None:
+    """What is wrong with ``x`` as raw pixels, or None when every value is a finite number in 0..255.
+
+    Args:
+        x: array-like (N, ...) of pixel values (any numeric dtype).
+
+    Returns:
+        A one-line description naming the count of bad values, the first one
+        and its image index, or None.
+    """
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        return f"pixels must be numbers in 0..255, got {x.dtype} values"
+    low, high = PIXEL_RANGE
+    with np.errstate(invalid="ignore"):
+        bad = (x < low) | (x > high)
+        if x.dtype.kind == "f":
+            bad |= ~np.isfinite(x)
+    if not bad.any():
+        return None
+    image = int(np.argwhere(bad)[0][0]) if x.ndim > 1 else 0
+    first = x[bad].flat[0]
+    return f"{int(bad.sum())} pixel value(s) not in 0..255 (first: {float(first)} in image {image})"
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up lines (absl, oneDNN, CUDA probes) held back.
+
+    TF 2.21 prints them before ``TF_CPP_MIN_LOG_LEVEL`` takes effect, so stderr
+    (fd 2) goes to a temporary file during the import; that file is replayed on
+    stderr if the import fails. ``TF_CPP_MIN_LOG_LEVEL`` defaults to 3 afterwards
+    (set it to 0 to see TensorFlow's C++ log). A no-op when TensorFlow is
+    already imported or Keras runs on another backend.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return
+    import tempfile
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class KerasClassifier:
+    """What ``mlflow.pyfunc.load_model`` wraps for a cifarflow Keras model."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def get_raw_model(self):
+        """The Keras model."""
+        return self.model
+
+    def predict(self, data, params=None) -> np.ndarray:
+        """Softmax probabilities (N, C) float32 of raw pixels ``data`` (N, 32, 32, 3), silently.
+
+        Raises:
+            MlflowException: INVALID_PARAMETER_VALUE for NaN, infinite or
+                out-of-range pixels.
+        """
+        from mlflow.exceptions import MlflowException
+
+        if hasattr(data, "to_numpy"):  # a DataFrame
+            data = data.to_numpy()
+        problem = pixel_problem(data)
+        if problem:
+            raise MlflowException.invalid_parameter_value(f"{problem}: the model takes raw RGB pixels 0..255")
+        x = np.asarray(data, dtype=np.float32)
+        return np.asarray(self.model.predict(x, batch_size=256, verbose=0), dtype=np.float32)
+
+
+def _load_pyfunc(path: str) -> KerasClassifier:
+    """MLflow's pyfunc loader: the Keras model that ``mlflow.keras`` saved in the model folder ``path``."""
+    import_tensorflow_quietly()
+    import keras
+    import yaml
+
+    with open(os.path.join(path, "MLmodel")) as f:
+        data = yaml.safe_load(f)["flavors"]["keras"].get("data", "data")
+    return KerasClassifier(keras.saving.load_model(os.path.join(path, data, "model.keras"), compile=False))
