@@ -25,15 +25,15 @@ def test_compare_tabulates_several_runs(train_data, tmp_path, capsys):
     out = tmp_path / "cmp"
     main(["compare", "--out", str(out), "--latency"])
     printed = capsys.readouterr().out
-    assert "| run | recipe | params |" in printed and "comparison run " in printed
+    assert "| run | recipe | param_count |" in printed and "comparison run " in printed
     rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert {r["run_id"] for r in rows} == {a.run_id, b.run_id}  # neither the evaluation run nor the trial
     assert trial.run_id not in {r["run_id"] for r in rows}
     accuracies = [float(r["test_accuracy"]) for r in rows]
     assert accuracies == sorted(accuracies, reverse=True)
     by_id = {r["run_id"]: r for r in rows}
-    logged_params = mlflow.tracking.MlflowClient().get_run(a.run_id).data.metrics["params"]
-    assert float(by_id[a.run_id]["params"]) == logged_params > 0
+    logged_params = mlflow.tracking.MlflowClient().get_run(a.run_id).data.metrics["param_count"]
+    assert float(by_id[a.run_id]["param_count"]) == logged_params > 0
     for run_id in (a.run_id, b.run_id):  # training scores like evaluate does: every run has its own ece
         logged_ece = mlflow.tracking.MlflowClient().get_run(run_id).data.metrics["ece"]
         assert float(by_id[run_id]["ece"]) == pytest.approx(logged_ece, abs=1e-4)

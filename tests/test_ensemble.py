@@ -115,9 +115,9 @@ def test_ensemble_command_scores_and_logs_a_pyfunc_model(members, capsys):
     expected = voting.combine(probs, "soft", [3, 1])
     m = run.data.metrics
     assert m["test_accuracy"] == pytest.approx(float((expected.argmax(1) == y).mean()))
-    assert {"ece", "nll", "macro_f1", "test_accuracy_tta", "robust_accuracy_fgsm", "params", "train_seconds"} <= set(m)
+    assert {"ece", "nll", "macro_f1", "test_accuracy_tta", "robust_accuracy_fgsm", "param_count", "train_seconds"} <= set(m)
     logged = [MlflowClient().get_run(r.run_id).data.metrics for r in (r1, r2)]
-    assert m["params"] == logged[0]["params"] + logged[1]["params"] > 0
+    assert m["param_count"] == logged[0]["param_count"] + logged[1]["param_count"] > 0
     history = MlflowClient().get_metric_history(run.info.run_id, "member_test_accuracy")
     assert sorted((h.step, h.value) for h in history) == [
         (0, pytest.approx(float((probs[0].argmax(1) == y).mean()))), (1, pytest.approx(float((probs[1].argmax(1) == y).mean())))]
@@ -145,7 +145,7 @@ def test_ensemble_command_scores_and_logs_a_pyfunc_model(members, capsys):
     from cifarflow.evaluation import compare  # compared like any run, its batch-1 latency through pyfunc
 
     row = compare.collect(["cifarflow/ensemble"], latency=True)[0]
-    assert row["run_id"] == run.info.run_id and row["params"] == m["params"] and row["latency_ms"] > 0
+    assert row["run_id"] == run.info.run_id and row["param_count"] == m["param_count"] and row["latency_ms"] > 0
     assert row["ece"] == pytest.approx(ev.data.metrics["ece"]) and row["model_mb"] > 0
     with pytest.raises(SystemExit) as e:  # not a Keras model: no ONNX/TFLite export
         main(["export", "cifarflow-ensemble@challenger", "--format", "onnx"])

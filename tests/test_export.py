@@ -56,9 +56,8 @@ def test_export_onnx_and_every_tflite_mode_with_parity(champion):
 
     client = MlflowClient()
     tags = client.get_model_version(NAME, "1").tags
-    assert tags["cifarflow.export.tflite_int8.run_id"] == run_id
-    assert int(tags["cifarflow.export.onnx.size_bytes"]) == by_kind["onnx"].size_bytes
-    assert float(tags["cifarflow.export.tflite_int8.top1_agreement"]) >= 0.95
+    assert tags["cifarflow.export.tflite_int8.run_id"] == tags["cifarflow.export.onnx.run_id"] == run_id
+    assert not [k for k in tags if k.startswith("cifarflow.export.") and not k.endswith(".run_id")]  # figures in the run
     run = client.get_run(run_id)
     assert run.data.tags["cifarflow.source_run_id"] == champion.run_id
     assert run.data.metrics["onnx_max_abs_diff"] < 1e-4 and "tflite_int8_test_accuracy" in run.data.metrics
@@ -78,7 +77,7 @@ def test_pull_by_alias_writes_the_model_and_its_card(champion, capsys):
     assert card["classes"] == ["cat", "dog", "ship"] and card["file"] == "model.onnx"
     assert card["input"]["shape"] == [None, 32, 32, 3] and card["input"]["range"] == [0, 255]
     assert card["source_run_id"] == champion.run_id and card["metrics"]["test_accuracy"] == champion.metrics["test_accuracy"]
-    assert float(card["export"]["max_abs_diff"]) < 1e-4
+    assert card["export"]["max_abs_diff"] < 1e-4 and card["export"]["size_bytes"] > 10_000
 
     x = datasets.load(MlflowClient().get_run(champion.run_id).data.params["data_source"]).x_test
     ref = keras_probs(champion.model_uri, x)

@@ -13,7 +13,7 @@ from cifarflow.training.trainer import train
 
 TINY = {"width": 0.125, "dense_units": 16, "batch_size": 16, "val_fraction": 0.25, "warmup_epochs": 0}
 EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second"}
-FINAL_METRICS = {"test_accuracy", "test_loss", "nll", "macro_f1", "train_seconds", "params", "trainable_params",
+FINAL_METRICS = {"test_accuracy", "test_loss", "nll", "macro_f1", "train_seconds", "param_count", "trainable_param_count",
                  "best_val_accuracy"}
 ARTIFACTS = {"recipe.yaml", "training_curves.png", "confusion_matrix.png", "classification_report.json",
              "classification_report.csv", "misclassified.png", "classes.json"}

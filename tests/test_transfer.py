@@ -113,7 +113,7 @@ def test_two_phases_train_in_one_run_and_the_model_reloads(name, train_data, tmp
                                                            key=lambda m: m.step)]
     assert [s for s, _ in steps("val_accuracy")] == [0, 1]  # one curve across both phases
     assert steps("phase") == [(0, 1.0), (1, 2.0)]
-    (_, head_params), (_, tuned_params) = steps("trainable_params")
+    (_, head_params), (_, tuned_params) = steps("trainable_param_count")
     assert head_params < tuned_params
     fresh = models.build(name, num_classes=3, **SMALL)
     expected = transfer.unfreeze_top(fresh, 0.5)

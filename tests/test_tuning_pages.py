@@ -70,11 +70,13 @@ def test_the_study_run_logs_its_settings_and_points_to_the_study(piped_tune):
     assert parent.data.metrics["best_val_accuracy"] == study.best_value  # full precision in the data
 
 
-@pytest.mark.slow
 def test_storage_credentials_are_masked_in_the_study_params():
-    from cifarflow import tuning
+    from cifarflow import config
+    from cifarflow.training import tuning
 
-    assert tuning.study_params(recipe="cnn_small", trials=2, storage="postgresql://ann:s3cret@db:5432/optuna",
-                               overrides={}, metric="val_accuracy", sampler=optuna.samplers.TPESampler(seed=1),
-                               pruner=optuna.pruners.NopPruner(), space=None)["storage"] \
-        == "postgresql://ann:***@db:5432/optuna"
+    space = tuning.load_space(tuning.find_space("cnn_small"), "cnn_small")
+    params = tuning.study_params("cnn_small", 2, "postgresql://ann:s3cret@db:5432/optuna", "val_accuracy", space,
+                                 "cnn.yaml", config.resolve("cnn_small", {"epochs": 3}), {"epochs": 3, "dropout": 0.1})
+    assert params["storage"] == "postgresql://ann:***@db:5432/optuna" and "s3cret" not in str(params)
+    assert params["epochs"] == 3 and params["fixed.dropout"] == 0.1 and params["space.learning_rate"] == "float 0.01..0.3 log"
+    assert params["pruner"] == "MedianPruner(n_startup_trials=2, n_warmup_steps=1)"

@@ -154,7 +154,7 @@ def tune(recipe, study_name, trials, storage, space_path, timeout, n_jobs, heart
     overrides = _overrides(sets, data=data, epochs=epochs, limit=limit, seed=seed, trust_data=trust_data)
     study = tuning.tune(recipe, study_name, trials, overrides=overrides, storage=storage, space_path=space_path,
                         timeout=timeout, n_jobs=n_jobs, quiet=quiet, heartbeat=heartbeat, metric=metric,
-                        retrain_best=retrain_best)
+                        retrain_best=retrain_best, report=click.echo)
     states = [t.state.name for t in study.trials]
     click.echo(f"study {study_name}: {states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned, "
                f"{states.count('FAIL')} failed")

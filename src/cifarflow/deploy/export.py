@@ -19,6 +19,7 @@ FORMATS = ("onnx", "tflite")
 QUANTIZE = ("none", "float16", "dynamic", "int8")
 ONNX_OPSET = 17
 REPRESENTATIVE_IMAGES = 256
+EXPORT_FIGURES = ("size_bytes", "max_abs_diff", "top1_agreement", "test_accuracy")  # logged as <kind>_<figure>
 # Parity required before an export counts as done, against the Keras model's
 # probabilities on the test set: max abs difference for the float32 files,
 # top-1 agreement (fraction) for the reduced-precision ones.
@@ -187,25 +188,27 @@ def to_tflite(model, out_dir: Path, modes: list[str], representative: np.ndarray
 
 
 def _log(results: list[ExportResult], parity_file: Path, name: str, version: str | None, source_run: str) -> str:
-    """Log the files and figures to a new export run (or `mlflow run`'s run) and as version tags; returns the run id.
+    """Log the files and figures to a new export run (or `mlflow run`'s run); returns the run id.
 
     A new run rather than the training run: a finished run stays as trained,
-    and its artifact store may be read-only for whoever exports.
+    and its artifact store may be read-only for whoever exports. The version
+    gets one tag per exported kind, ``cifarflow.export.<kind>.run_id``; the
+    figures stay in that run (metrics ``<kind>_<figure>`` and ``parity.json``)
+    and the local file paths on the machine that exported.
     """
     import mlflow
 
     from cifarflow import tracking
 
     if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment("cifarflow/export")
+        tracking.use_experiment("cifarflow/export")
     label = f"{name}-v{version}" if version else name
     with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else f"export-{label}") as run:
         mlflow.set_tags({"cifarflow.source_run_id": source_run or "", "cifarflow.registered_model": name,
                          "cifarflow.model_version": version or "", "cifarflow.git_commit": tracking.git_commit()})
         for r in results:
             mlflow.log_artifact(r.path, "export")
-            mlflow.log_metrics({f"{r.kind}_{k}": float(getattr(r, k)) for k in
-                                ("size_bytes", "max_abs_diff", "top1_agreement", "test_accuracy")})
+            mlflow.log_metrics({f"{r.kind}_{k}": float(getattr(r, k)) for k in EXPORT_FIGURES})
         if results:
             mlflow.log_metric("keras_test_accuracy", results[0].keras_test_accuracy)
         mlflow.log_artifact(str(parity_file), "export")
@@ -213,11 +216,7 @@ def _log(results: list[ExportResult], parity_file: Path, name: str, version: str
     if version:
         client = mlflow.MlflowClient()
         for r in results:
-            tags = {"run_id": run_id, "path": str(Path(r.path).resolve()), "size_bytes": r.size_bytes,
-                    "max_abs_diff": f"{r.max_abs_diff:.3g}", "top1_agreement": f"{r.top1_agreement:.4f}",
-                    "test_accuracy": f"{r.test_accuracy:.4f}"}
-            for k, v in tags.items():
-                client.set_model_version_tag(name, version, f"cifarflow.export.{r.kind}.{k}", str(v))
+            client.set_model_version_tag(name, version, f"cifarflow.export.{r.kind}.run_id", run_id)
     return run_id
 
 

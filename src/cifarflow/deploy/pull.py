@@ -11,7 +11,7 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from cifarflow.deploy.export import artifact_name, kind_of
+from cifarflow.deploy.export import EXPORT_FIGURES, artifact_name, kind_of
 from cifarflow.deploy.registry import CARD_METRICS
 from cifarflow.errors import CifarflowError
 from cifarflow.tracking.refs import download_run_artifact, load_keras, mlflow_client, VersionRef, resolve_version
@@ -97,8 +97,10 @@ def pull(ref: str, fmt: str, dest: Path, quantize: str = "none") -> Path:
             got = download_run_artifact(export_run, f"export/{name}", Path(tmp))
             target = dest / name
             shutil.copyfile(got, target)
-        extra["export"] = {k.removeprefix(f"cifarflow.export.{kind}."): v for k, v in mv.tags.items()
-                           if k.startswith(f"cifarflow.export.{kind}.")}
+        figures = client.get_run(export_run).data.metrics
+        extra["export"] = {"run_id": export_run, **{
+            k: int(figures[f"{kind}_{k}"]) if k == "size_bytes" else figures[f"{kind}_{k}"]
+            for k in EXPORT_FIGURES if f"{kind}_{k}" in figures}}
     card = model_card(version, fmt, target.name, extra)
     (dest / "model_card.json").write_text(json.dumps(card, indent=2))
     return target

@@ -14,8 +14,8 @@ from mlflow.exceptions import MlflowException
 from cifarflow.errors import CifarflowError
 from cifarflow.tracking.refs import CHALLENGER, CHAMPION, Source, VersionRef, mlflow_client
 
-# Metrics copied into the version's description and tags.
-CARD_METRICS = ("test_accuracy", "test_loss", "nll", "macro_f1", "ece", "test_accuracy_tta", "params")
+# Metrics written into the version's description and the pulled model card.
+CARD_METRICS = ("test_accuracy", "test_loss", "nll", "macro_f1", "ece", "test_accuracy_tta", "param_count")
 
 
 class Policy(pydantic.BaseModel):
@@ -74,8 +74,9 @@ def registered_name(run_params: dict[str, str], policy: Policy) -> str:
 def _description(run, source: Source) -> str:
     p, m, t = run.data.params, run.data.metrics, run.data.tags
     arch = ", ".join(f"{k}={p[k]}" for k in ("width", "depth", "blocks", "dense_units", "dropout") if k in p)
-    metrics = ", ".join(f"{k}={m[k]:.4f}" for k in CARD_METRICS if k in m and k != "params")
-    return (f"{t.get('cifarflow.recipe', '?')} ({p.get('model', '?')}: {arch}; {m.get('params', 0):.0f} params), "
+    metrics = ", ".join(f"{k}={m[k]:.4f}" for k in CARD_METRICS if k in m and k != "param_count")
+    count = m.get("param_count", m.get("params", 0))  # `params` before 2026-11
+    return (f"{t.get('cifarflow.recipe', '?')} ({p.get('model', '?')}: {arch}; {count:,.0f} parameters), "
             f"trained {p.get('epochs', '?')} epochs on {p.get('train_images', '?')} images of {p.get('data_source', '?')} "
             f"(dataset sha256 {t.get('cifarflow.dataset_sha256', '?')}). Test: {metrics}. "
             f"Source run {source.run_id}, logged model {source.model_uri}.")
@@ -84,17 +85,20 @@ def _description(run, source: Source) -> str:
 def register(source: Source, name: str | None = None) -> VersionRef:
     """Register ``source`` as a new version of ``name`` (the policy's name for its architecture when None).
 
-    The version gets a description (architecture, params, dataset checksum,
-    metrics), tags (``cifarflow.recipe``, ``cifarflow.dataset_sha256``,
-    ``cifarflow.source_run_id``, ``cifarflow.model_uri``, ``metric.<name>``)
-    and the ``challenger`` alias.
+    The version gets a description (architecture, parameter count, dataset
+    checksum, test metrics), the tags a deployer needs (``cifarflow.recipe``,
+    ``cifarflow.architecture``, ``cifarflow.dataset_sha256``,
+    ``cifarflow.source_run_id``, ``cifarflow.model_uri`` and ``metric.<policy
+    metric>`` at full precision; the other figures stay in the run) and the
+    ``challenger`` alias.
 
     Raises:
         CifarflowError: no registered name for the architecture.
     """
     client = mlflow_client()
     run = client.get_run(source.run_id)
-    name = name or registered_name(run.data.params, load_policy())
+    policy = load_policy()
+    name = name or registered_name(run.data.params, policy)
     t = run.data.tags
     tags = {
         "cifarflow.recipe": t.get("cifarflow.recipe", ""),
@@ -102,7 +106,7 @@ def register(source: Source, name: str | None = None) -> VersionRef:
         "cifarflow.dataset_sha256": t.get("cifarflow.dataset_sha256", ""),
         "cifarflow.source_run_id": source.run_id,
         "cifarflow.model_uri": source.model_uri,
-        **{f"metric.{k}": repr(v) for k, v in run.data.metrics.items() if k in CARD_METRICS},
+        **{f"metric.{k}": repr(v) for k, v in run.data.metrics.items() if k == policy.metric},
     }
     try:
         client.get_registered_model(name)
@@ -198,7 +202,7 @@ def promote(name: str, *, force: bool = False) -> Decision:
         decision = "promoted" if beats else ("forced" if force else "rejected")
         if decision == "forced":
             reason = f"forced: {reason}"
-    _record(client, name, challenger.version, decision, metric, new, old, before, reason, policy)
+    _record(client, name, challenger.version, decision, new, old, before, reason)
     if decision == "rejected" and not same_data:
         raise CifarflowError(f"cannot compare {name} v{challenger.version} with champion v{before}: {reason}",
                              "evaluate both on the same data, or pass --force to promote anyway")
@@ -212,15 +216,13 @@ def promote(name: str, *, force: bool = False) -> Decision:
                     challenger_value=new, champion_value=old, reason=reason)
 
 
-def _record(client, name, version, decision, metric, new, old, champion_version, reason, policy) -> None:
+def _record(client, name, version, decision, new, old, champion_version, reason) -> None:
     tags = {
         "decision": decision,
-        "metric": metric,
         "challenger_value": repr(new),
         "champion_value": "none" if old is None else repr(old),
         "champion_version": champion_version or "none",
-        "min_improvement": repr(policy.min_improvement),
-        "reason": reason,
+        "reason": reason,  # names the metric and the required margin
     }
     for k, v in tags.items():
         client.set_model_version_tag(name, version, f"cifarflow.promotion.{k}", str(v))

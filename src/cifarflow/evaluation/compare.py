@@ -17,8 +17,13 @@ from cifarflow import plots, tracking
 from cifarflow.errors import CifarflowError
 from cifarflow.tracking.refs import load_keras
 
-COLUMNS = ("run", "recipe", "params", "trainable_params", "test_accuracy", "test_accuracy_tta", "train_val_gap",
-           "ece", "train_seconds", "images_per_second", "model_mb", "latency_ms", "run_id")
+COLUMNS = ("run", "recipe", "param_count", "trainable_param_count", "test_accuracy", "test_accuracy_tta",
+           "train_val_gap", "ece", "train_seconds", "images_per_second", "model_mb", "latency_ms", "run_id")
+# How the Markdown table shows each numeric column (the CSV keeps full precision).
+DISPLAY = {"param_count": "{:,.0f}", "trainable_param_count": "{:,.0f}", "test_accuracy": "{:.4f}",
+           "test_accuracy_tta": "{:.4f}", "train_val_gap": "{:+.4f}", "ece": "{:.4f}", "train_seconds": "{:.1f}",
+           "images_per_second": "{:,.0f}", "model_mb": "{:.2f}", "latency_ms": "{:.2f}"}
+FROM_EVALUATION = ("test_accuracy_tta", "ece")  # taken from the newest `cifarflow evaluate` run that logged them
 
 
 def _last(client, run_id: str, key: str) -> float | None:
@@ -67,8 +72,10 @@ def collect(experiments: list[str] | None = None, metric: str = "test_accuracy",
     Returns:
         Rows with the :data:`COLUMNS` keys (None where a run lacks a figure),
         best first; tuning trials are left out. ``train_val_gap`` is last ``train_accuracy`` minus last
-        ``val_accuracy``; ``ece`` is the run's own (training runs and ensembles log one), else that of the
-        newest ``cifarflow evaluate`` run of the model, if any; ``images_per_second`` is the median over epochs.
+        ``val_accuracy``; ``ece`` and ``test_accuracy_tta`` come from the newest
+        ``cifarflow evaluate`` run of the model that logged them, else from the run itself (training
+        runs and ensembles log their ece, training runs with ``tta`` their tta); ``images_per_second``
+        is the median over epochs.
 
     Raises:
         CifarflowError: an unknown experiment, or no run to compare.
@@ -88,11 +95,14 @@ def collect(experiments: list[str] | None = None, metric: str = "test_accuracy",
     runs = client.search_runs([e.experiment_id for e in found],
                               filter_string=f"attributes.status = 'FINISHED' and metrics.`{metric}` > -1e300",
                               order_by=[f"metrics.`{metric}` DESC"]) if found else []
-    evaluations = {}
+    evaluations: dict[str, dict[str, float]] = {}  # source run id -> the newest evaluation's value of each metric
     evaluation_exp = client.get_experiment_by_name("cifarflow/evaluation")
     if evaluation_exp:
-        for ev in client.search_runs([evaluation_exp.experiment_id], order_by=["attributes.start_time ASC"]):
-            evaluations[ev.data.tags.get("cifarflow.source_run_id")] = ev.data.metrics
+        for ev in client.search_runs([evaluation_exp.experiment_id], order_by=["attributes.start_time DESC"]):
+            newest = evaluations.setdefault(ev.data.tags.get("cifarflow.source_run_id"), {})
+            for key in FROM_EVALUATION:
+                if key in ev.data.metrics:
+                    newest.setdefault(key, ev.data.metrics[key])
     rows = []
     for run in runs:
         m, tags = run.data.metrics, run.data.tags
@@ -101,12 +111,14 @@ def collect(experiments: list[str] | None = None, metric: str = "test_accuracy",
         train_acc, val_acc = _last(client, run.info.run_id, "train_accuracy"), _last(client, run.info.run_id, "val_accuracy")
         ips = [x.value for x in client.get_metric_history(run.info.run_id, "images_per_second")]
         uri = tags.get("cifarflow.model_uri")
+        evaluated = {k: evaluations.get(run.info.run_id, {}).get(k, m.get(k)) for k in FROM_EVALUATION}
         rows.append({
-            "run": run.info.run_name, "recipe": tags.get("cifarflow.recipe"), "params": m.get("params"),
-            "trainable_params": m.get("trainable_params"), "test_accuracy": m.get("test_accuracy"),
-            "test_accuracy_tta": m.get("test_accuracy_tta"),
+            "run": run.info.run_name, "recipe": tags.get("cifarflow.recipe"),
+            "param_count": m.get("param_count", m.get("params")),  # `params` before 2026-11
+            "trainable_param_count": m.get("trainable_param_count", m.get("trainable_params")),
+            "test_accuracy": m.get("test_accuracy"), **evaluated,
             "train_val_gap": train_acc - val_acc if train_acc is not None and val_acc is not None else None,
-            "ece": m.get("ece", evaluations.get(run.info.run_id, {}).get("ece")), "train_seconds": m.get("train_seconds"),
+            "train_seconds": m.get("train_seconds"),
             "images_per_second": statistics.median(ips) if ips else None,
             "model_mb": _model_mb(uri) if uri else None,
             "latency_ms": _latency_ms(uri) if latency and uri else None, "run_id": run.info.run_id,
@@ -116,18 +128,16 @@ def collect(experiments: list[str] | None = None, metric: str = "test_accuracy",
     return rows
 
 
-def _fmt(value) -> str:
+def _fmt(column: str, value) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
-    return str(value)
+    return DISPLAY[column].format(value) if column in DISPLAY else str(value)
 
 
 def to_markdown(rows: list[dict]) -> str:
-    """The rows as a Markdown table with the :data:`COLUMNS` header."""
+    """The rows as a Markdown table with the :data:`COLUMNS` header, numbers rounded as :data:`DISPLAY` says."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(c, r[c]) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -177,14 +187,17 @@ def compare(experiments: list[str] | None = None, metric: str = "test_accuracy",
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(to_markdown(rows))
     (out / "comparison.csv").write_text(to_csv(rows))
-    plots.scatter([r["params"] for r in rows], [r["test_accuracy"] for r in rows], [r["run"] for r in rows],
-                  "parameters", metric, out / "accuracy_vs_params.png", log_x=True)
-    plots.scatter([r["train_seconds"] for r in rows], [r["test_accuracy"] for r in rows], [r["run"] for r in rows],
-                  "training wall time (s)", metric, out / "accuracy_vs_train_time.png")
+    which = f"{len(rows)} runs of {', '.join(sorted({r['recipe'] or '?' for r in rows}))}"
+    accuracy, labels = [r["test_accuracy"] for r in rows], [r["run"] for r in rows]
+    plots.scatter([r["param_count"] for r in rows], accuracy, labels, "parameters (log scale)", "test_accuracy",
+                  out / "accuracy_vs_params.png", log_x=True, title=f"test_accuracy vs parameters: {which}")
+    plots.scatter([r["train_seconds"] for r in rows], accuracy, labels, "training wall time (s)", "test_accuracy",
+                  out / "accuracy_vs_train_time.png", title=f"test_accuracy vs training time: {which}")
     per_class = _per_class(rows)
     if per_class:
-        plots.heatmap(per_class[2], per_class[0], per_class[1], "per-class accuracy", out / "per_class_accuracy.png")
-    mlflow.set_experiment("cifarflow/comparison")
+        plots.heatmap(per_class[2], per_class[0], per_class[1], f"per-class test accuracy: {which}",
+                      out / "per_class_accuracy.png", colorbar_label="accuracy (recall) of the class")
+    tracking.use_experiment("cifarflow/comparison")
     with mlflow.start_run(run_name=f"comparison-{len(rows)}-runs") as run:
         mlflow.set_tag("cifarflow.compared_runs", ",".join(r["run_id"] for r in rows)[:5000])
         mlflow.log_params({"metric": metric, "runs": len(rows)})

@@ -169,7 +169,7 @@ def ensemble(refs: Sequence[str], method: str = "soft", weights: Sequence[float]
     Learning"); see :func:`cifarflow.evaluation.voting.combine`. The run (experiment
     ``cifarflow/ensemble``, recipe tag ``ensemble``) holds the metrics of
     :func:`cifarflow.evaluation.evaluator.evaluate`, ``member_test_accuracy`` (step =
-    member index), ``params``/``trainable_params``/``train_seconds`` summed
+    member index), ``param_count``/``trainable_param_count``/``train_seconds`` summed
     over the members, the same artifacts, and the pyfunc model (tag
     ``cifarflow.model_uri``), which `cifarflow register` registers as
     ``cifarflow-ensemble``.
@@ -198,7 +198,7 @@ def ensemble(refs: Sequence[str], method: str = "soft", weights: Sequence[float]
                             probs=voting.combine(member_probs, method, weights))
     member_accuracy = {m.run.info.run_name: float((p.argmax(1) == ds.y_test).mean()) for m, p in zip(members, member_probs)}
 
-    mlflow.set_experiment(EXPERIMENT)
+    tracking.use_experiment(EXPERIMENT)
     names = "+".join(m.run.info.run_name for m in members)
     first = members[0].run.data.params
     with mlflow.start_run(run_name=f"ensemble-{method}-{names}"[:250]) as run:
@@ -215,7 +215,7 @@ def ensemble(refs: Sequence[str], method: str = "soft", weights: Sequence[float]
         for i, acc in enumerate(member_accuracy.values()):
             mlflow.log_metric("member_test_accuracy", acc, step=i)
         totals = {k: sum(m.run.data.metrics.get(k, 0.0) for m in members)
-                  for k in ("params", "trainable_params", "train_seconds")}
+                  for k in ("param_count", "trainable_param_count", "train_seconds")}
         mlflow.log_metrics(totals)
         info = log_pyfunc(models, method, weights, ds.x_test[:4], predict(ds.x_test[:4], "none"))
         mlflow.set_tag("cifarflow.model_uri", info.model_uri)

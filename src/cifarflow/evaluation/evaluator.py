@@ -47,7 +47,7 @@ def evaluate(ref: str, *, data: str | None = None, tta: str = "none", fgsm_image
         predict, attack = keras_functions(load_keras(model_uri), batch_size)
     scored = score(ds, predict, attack, tta=tta, fgsm_images=fgsm_images, seed=seed)
 
-    mlflow.set_experiment(EXPERIMENT)
+    tracking.use_experiment(EXPERIMENT)
     with mlflow.start_run(run_name=f"evaluate-{source.info.run_name}") as run:
         mlflow.set_tags({"cifarflow.source_run_id": run_id, "cifarflow.model_uri": model_uri,
                          "cifarflow.dataset_sha256": ds.checksum,

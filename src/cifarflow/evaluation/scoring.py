@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from cifarflow import plots
+from cifarflow import plots, tracking
 from cifarflow.errors import CifarflowError
 from cifarflow.evaluation.metrics import (TTA_MODES, classification_metrics, expected_calibration_error, fgsm,
                                          predict_probs, reliability_bins, report_csv)
@@ -107,10 +107,11 @@ def log_scored(scored: Scored, ds) -> None:
     for eps in (e for e in FGSM_EPS if f"robust_accuracy_fgsm_{e}" in metrics):
         mlflow.log_metric("robust_accuracy_fgsm", metrics[f"robust_accuracy_fgsm_{eps}"], step=eps)
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        plots.confusion_matrix(scored.confusion_matrix, ds.class_names, out / "confusion_matrix.png")
-        plots.reliability_diagram(scored.bins, metrics["ece"], out / "reliability_diagram.png")
-        plots.misclassified_grid(ds.x_test, ds.y_test, scored.probs, ds.class_names, out / "misclassified.png")
+        out, title = Path(tmp), tracking.run_title()
+        plots.confusion_matrix(scored.confusion_matrix, ds.class_names, out / "confusion_matrix.png", title=title)
+        plots.reliability_diagram(scored.bins, metrics["ece"], out / "reliability_diagram.png", title=title)
+        plots.misclassified_grid(ds.x_test, ds.y_test, scored.probs, ds.class_names, out / "misclassified.png",
+                                 title=title)
         (out / "classification_report.json").write_text(json.dumps(scored.report, indent=2))
         (out / "classification_report.csv").write_text(report_csv(scored.report))
         (out / "metrics.md").write_text(format_table(metrics))

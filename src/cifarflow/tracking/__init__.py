@@ -182,6 +182,63 @@ def experiment_name(recipe: str) -> str:
     return f"cifarflow/{recipe}"
 
 
+# What the tooling experiments hold, shown as their description on MLflow's experiments page.
+TOOL_EXPERIMENTS = {
+    "cifarflow/evaluation": "Runs of `cifarflow evaluate`: a logged or registered model scored on its test set "
+                            "(accuracy, calibration, FGSM robustness); tag cifarflow.source_run_id names the training run.",
+    "cifarflow/comparison": "Runs of `cifarflow compare`: the side-by-side table and plots of finished training runs.",
+    "cifarflow/ensemble": "Runs of `cifarflow ensemble`: voting ensembles of logged models, scored like one model "
+                          "and logged as a pyfunc model.",
+    "cifarflow/export": "Runs of `cifarflow export`: ONNX and TFLite files of a registered version with their "
+                        "parity figures against Keras.",
+}
+
+
+def use_experiment(name: str, description: str = "", tags: dict[str, str] | None = None):
+    """Make experiment ``name`` the active one, creating it if needed, and return it.
+
+    Unlike ``mlflow.set_experiment`` it prints no "Experiment ... does not exist"
+    line. ``description`` (MLflow's ``mlflow.note.content``, the experiment page's
+    description; :data:`TOOL_EXPERIMENTS` for the tooling ones) and ``tags``
+    are set where the experiment does not have them yet. Two processes creating
+    it at once both get the one experiment.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.tracking.MlflowClient()
+    wanted = {"mlflow.note.content": description or TOOL_EXPERIMENTS.get(name, ""), **(tags or {})}
+    wanted = {k: v for k, v in wanted.items() if v}
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            client.create_experiment(name, tags=wanted)
+        except MlflowException:  # created meanwhile by another process
+            pass
+        experiment = client.get_experiment_by_name(name)
+    for key, value in wanted.items():
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return mlflow.set_experiment(experiment_id=experiment.experiment_id)
+
+
+def use_recipe_experiment(config):
+    """:func:`use_experiment` for ``config``'s recipe: ``cifarflow/<recipe>``, described by the recipe's
+    ``description``, tagged ``cifarflow.recipe`` and ``cifarflow.model``."""
+    about = (config.description.rstrip(".") + ". " if config.description else "") + \
+        f"Training runs and tuning studies of recipe {config.recipe} (model {config.model})."
+    return use_experiment(experiment_name(config.recipe), about,
+                          {"cifarflow.recipe": config.recipe, "cifarflow.model": config.model})
+
+
+def run_title(run_id: str | None = None) -> str:
+    """``<run name> (run <first 8 hex of the id>)`` of ``run_id`` (the active run when None), for plot titles."""
+    run = mlflow.get_run(run_id) if run_id else mlflow.active_run()
+    if run is None:
+        return ""
+    name = run.info.run_name or mlflow.get_run(run.info.run_id).info.run_name
+    return f"{name} (run {run.info.run_id[:8]})"
+
+
 def git_commit() -> str:
     """HEAD commit of the code that runs (``-dirty`` if modified), or ``unknown``.
 

@@ -23,7 +23,7 @@ from cifarflow.utils import parse_value
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 # Final metrics where lower is better (for --best-of); every other metric is higher-is-better.
-LOWER_IS_BETTER = ("test_loss", "nll", "ece", "train_seconds", "params", "trainable_params")
+LOWER_IS_BETTER = ("test_loss", "nll", "ece", "train_seconds", "param_count", "trainable_param_count")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 

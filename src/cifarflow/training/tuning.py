@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import socket
 import tempfile
@@ -19,7 +20,7 @@ import pydantic
 import yaml
 
 from cifarflow import config as cfg
-from cifarflow import tracking
+from cifarflow import plots, tracking
 from cifarflow.errors import CifarflowError
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -55,6 +56,13 @@ class Param(pydantic.BaseModel):
             raise ValueError("use either log or step, not both")
         return self
 
+    def describe(self) -> str:
+        """One line for the study run's params: ``float 0.01..0.3 log``, ``categorical [0.25, 0.5]``."""
+        if self.type == "categorical":
+            return f"categorical {list(self.choices)}"
+        return f"{self.type} {self.low:g}..{self.high:g}" + (" log" if self.log else "") + \
+            (f" step {self.step:g}" if self.step else "")
+
     def values_to_check(self) -> list[Any]:
         """Values that must all be valid recipe settings: the ends, or every choice."""
         if self.type == "categorical":
@@ -72,6 +80,12 @@ class Pruner(pydantic.BaseModel):
     n_warmup_steps: int = pydantic.Field(1, ge=0)
     min_resource: int = pydantic.Field(1, ge=1)
     reduction_factor: int = pydantic.Field(3, ge=2)
+
+    def describe(self) -> str:
+        """``MedianPruner(n_startup_trials=2, n_warmup_steps=1)``, ``HyperbandPruner(...)`` or ``NopPruner()``."""
+        fields = {"median": ("n_startup_trials", "n_warmup_steps"), "hyperband": ("min_resource", "reduction_factor")}
+        args = ", ".join(f"{k}={getattr(self, k)}" for k in fields.get(self.type, ()))
+        return f"{type(self.build()).__name__}({args})"
 
     def build(self) -> optuna.pruners.BasePruner:
         if self.type == "median":
@@ -321,30 +335,92 @@ def _parent_run(study: optuna.Study, experiment_id: str, recipe: str) -> str:
     return run_id
 
 
-def _log_plots(study: optuna.Study) -> None:
+def _importances_plot(study: optuna.Study, metric: str, path: Path, title: str) -> None:
+    """Optuna's parameter-importance bars, with ``metric`` in the legend and ``title`` on top."""
     import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as vis
+    from optuna.visualization.matplotlib import plot_param_importances
 
+    with warnings.catch_warnings():  # "Parameter importances will be equal" on few or tied trials: the plot says so
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"optuna\.importance")
+        ax = plot_param_importances(study, target_name=metric)
+    ax.set_title(title)
+    ax.set_xlabel(f"importance for {metric}")
+    fig = ax.figure
+    fig.set_size_inches(8, 4.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _log_plots(study: optuna.Study, metric: str, recipe: str) -> None:
+    """``optuna/optimization_history.png``, ``parallel_coordinate.png`` and (two complete trials or more)
+    ``param_importances.png`` in the active run, titled with the study."""
+    complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    title = f"study {study.study_name} ({recipe}, {complete} complete trials)"
     with tempfile.TemporaryDirectory() as tmp:
-        for name, plot in (("optimization_history", vis.plot_optimization_history),
-                           ("param_importances", vis.plot_param_importances),
-                           ("parallel_coordinate", vis.plot_parallel_coordinate)):
+        out = Path(tmp)
+        plots.optimization_history(study, metric, out / "optimization_history.png", title=title)
+        plots.parallel_coordinate(study, metric, out / "parallel_coordinate.png", title=title)
+        if complete >= 2:
             try:
-                ax = plot(study)
-                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-                fig.set_size_inches(9, 5)
-                fig.tight_layout()
-                fig.savefig(Path(tmp) / f"{name}.png", dpi=100)
-                plt.close(fig)
-            except Exception as exc:  # e.g. importances need two finished trials
-                mlflow.set_tag(f"cifarflow.plot_skipped.{name}", str(exc)[:200])
+                _importances_plot(study, metric, out / "param_importances.png", title)
+            except Exception as exc:  # e.g. every trial with the same params
+                mlflow.set_tag("cifarflow.plot_skipped.param_importances", str(exc)[:200])
         mlflow.log_artifacts(tmp, "optuna")
+
+
+def _trial_line(trial: optuna.trial.FrozenTrial, metric: str) -> str:
+    """``trial 3 COMPLETE val_accuracy=0.6120 dropout=0.21 learning_rate=0.0412 run <id>``: one finished trial."""
+    if trial.value is not None:
+        value = f"{metric}={trial.value:.4f}"
+    elif trial.intermediate_values:
+        step = max(trial.intermediate_values)
+        value = f"{metric}={trial.intermediate_values[step]:.4f} (epoch {step + 1})"
+    else:
+        value = f"{metric}=none"
+    params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    run_id = trial.user_attrs.get(RUN_ID_ATTR) or trial.system_attrs.get(RUN_ID_ATTR, "?")
+    return f"trial {trial.number} {trial.state.name} {value} {params} run {run_id}"
+
+
+def _report_trials(metric: str, report):
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Tell the user about each finished trial: number, state, value, params, MLflow run."""
+        report(_trial_line(trial, metric))
+    return callback
+
+
+class _DropRetracingWarnings(logging.Filter):
+    """Drops TensorFlow's "N out of the last N calls ... triggered tf.function retracing" warning: a study builds
+    a new model for every trial by design, and each one's first predict traces anew."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+def study_params(recipe: str, trials: int, storage: str, metric: str, space: "SearchSpace", space_file: str,
+                 config: cfg.TrainConfig, overrides: dict) -> dict[str, Any]:
+    """The settings of a study as the params of its MLflow run (storage credentials masked).
+
+    Keys: ``recipe``, ``trials``, ``metric``, ``direction``, ``sampler``,
+    ``pruner``, ``storage``, ``search_space`` (file name), ``epochs``,
+    ``limit``, ``data`` (of every trial), ``fixed.<name>`` (other fixed
+    overrides) and ``space.<name>`` (each searched range, :meth:`Param.describe`).
+    """
+    return {
+        "recipe": recipe, "trials": trials, "metric": metric, "direction": space.direction,
+        "sampler": f"TPESampler(seed={space.seed})", "pruner": space.pruner.describe(),
+        "storage": tracking.mask_url(storage), "search_space": space_file,
+        "epochs": config.epochs, "limit": config.limit, "data": config.data,
+        **{f"fixed.{k}": v for k, v in overrides.items() if k not in ("epochs", "limit", "data")},
+        **{f"space.{name}": p.describe() for name, p in space.params.items()},
+    }
 
 
 def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = None,
          storage: str = DEFAULT_STORAGE, space_path: str | None = None, timeout: float | None = None,
          n_jobs: int = 1, quiet: bool = True, heartbeat: int = 60, metric: str | None = None,
-         retrain_best: bool = False) -> optuna.Study:
+         retrain_best: bool = False, report=None) -> optuna.Study:
     """Run (or continue) an Optuna study over ``recipe``.
 
     The study lives in ``storage`` under ``study_name`` (``load_if_exists``), so
@@ -357,6 +433,10 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
     when a worker starts, before each trial and while it waits); a worker leaves
     only when the budget is met and no trial is running, so none is left
     RUNNING and a failed one's place is filled.
+    The study names its objective (``set_metric_names``), holds its MLflow parent
+    run id (user attribute ``mlflow_parent_run_id``) and each trial its run id
+    (user attribute ``mlflow_run_id``); the parent run holds the study's settings
+    as params (:func:`study_params`) and its name as tag ``cifarflow.study``.
 
     Each trial trains the recipe with its params (plus ``overrides``) in a
     nested MLflow run under the study's parent run, reports the search file's
@@ -380,6 +460,7 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
         retrain_best: afterwards train the best params on train+val with the
             recipe's full epochs and evaluate on test (a normal run tagged
             ``cifarflow.study``).
+        report: called with one line per finished trial (:func:`_trial_line`), e.g. ``print``.
 
     Returns:
         The ``optuna.Study``.
@@ -392,7 +473,7 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
     from cifarflow.training.trainer import train
 
     overrides = dict(overrides or {})
-    cfg.resolve(recipe, overrides)  # fail fast on bad fixed settings
+    fixed = cfg.resolve(recipe, overrides)  # fail fast on bad fixed settings
     space_path = Path(space_path or find_space(recipe))
     space = load_space(space_path, recipe)
     if metric:
@@ -404,13 +485,16 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
     # deprecated in optuna-integration 4.9 (callbacks move to OptunaHub, no replacement published
     # yet); kept on the pinned 5.0.0, removed in 6.0
     warnings.filterwarnings("ignore", message="MLflowCallback has been deprecated", category=FutureWarning)
+    tf_logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _DropRetracingWarnings) for f in tf_logger.filters):
+        tf_logger.addFilter(_DropRetracingWarnings())
     study = optuna.create_study(
         study_name=study_name, storage=open_storage(storage, heartbeat), load_if_exists=True,
         direction=space.direction, pruner=space.pruner.build(), sampler=optuna.samplers.TPESampler(seed=space.seed),
     )
     lock = functools.partial(study_lock, storage, study_name)
     identity = {"recipe": recipe, "metric": space.metric}
-    experiment = mlflow.set_experiment(tracking.experiment_name(recipe))
+    experiment = tracking.use_recipe_experiment(fixed)
     with lock():
         _fail_stale_trials(study)  # a worker killed before this one started
         if not study.trials and not study.user_attrs:
@@ -430,8 +514,17 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
                          "cifarflow.optuna_storage": tracking.mask_url(storage),
                          "cifarflow.search_space": space_path.name})
         mlflow.log_text(space_path.read_text(), "search_space.yaml")
+        params = study_params(recipe, trials, storage, space.metric, space, space_path.name, fixed, overrides)
+        logged = mlflow.get_run(parent.info.run_id).data.params  # a re-run of the study keeps the first settings
+        mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+        mlflow.set_tag("mlflow.note.content",
+                       f"Optuna study {study_name}: {recipe} searched over {', '.join(space.params)} for the best "
+                       f"{space.metric} ({space.direction}), {trials} trials of {fixed.epochs} epochs; "
+                       f"each trial is a nested run, the study lives in {tracking.mask_url(storage)}.")
+        study.set_metric_names([space.metric])
         mlflow_cb = MLflowCallback(metric_name=f"best_{space.metric}", create_experiment=False,
-                                   mlflow_kwargs={"nested": True})
+                                   mlflow_kwargs={"nested": True},
+                                   tag_trial_user_attrs=False)  # its user attrs name the run itself
 
         @mlflow_cb.track_in_mlflow()
         def objective(trial: optuna.Trial) -> float:
@@ -439,6 +532,7 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
             trial.set_user_attr("worker", worker)
             mlflow.set_tags({"mlflow.parentRunId": parent.info.run_id, "cifarflow.study": study_name,
                              "cifarflow.trial": str(trial.number), "cifarflow.worker": worker})
+            trial.set_user_attr(RUN_ID_ATTR, mlflow.active_run().info.run_id)  # optuna-dashboard shows it
             config = cfg.resolve(recipe, {**overrides, **space.suggest(trial)})
             train(config, quiet=quiet, in_active_run=True, log_model=False,
                   extra_callbacks=[KerasPruningCallback(trial, space.metric)])
@@ -447,7 +541,8 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
             return float(best)
 
         _take_trials_within_budget(study, trials, lock)
-        callbacks = [mlflow_cb, _finish_trial_run(recipe), _stop_after_failures(max(3, trials))]
+        callbacks = [mlflow_cb, _finish_trial_run(recipe), _stop_after_failures(max(3, trials))] + \
+            ([_report_trials(space.metric, report)] if report else [])
         deadline = None if timeout is None else time.monotonic() + timeout
         while deadline is None or time.monotonic() < deadline:
             try:
@@ -468,9 +563,11 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
                             "trials_failed": states.count("FAIL")})
         if done:
             mlflow.log_metric(f"best_{space.metric}", study.best_value)
-            mlflow.set_tags({f"best.{k}": str(v) for k, v in study.best_params.items()})
+            # rounded for the runs table; full precision in the best trial's run and in Optuna
+            mlflow.set_tags({f"best.{k}": f"{v:.4g}" if isinstance(v, float) else str(v)
+                             for k, v in study.best_params.items()})
             mlflow.set_tag("cifarflow.best_trial", str(study.best_trial.number))
-            _log_plots(study)
+            _log_plots(study, space.metric, recipe)
     if retrain_best and done:
         full = {**overrides, **study.best_params, "val_fraction": 0.0, "early_stopping_patience": None}
         full.pop("epochs", None)
