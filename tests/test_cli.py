@@ -10,7 +10,8 @@ import mlflow
 import pytest
 from conftest import REPO
 
-from cifarflow.cli import main, run_name
+from cifarflow.cli import main
+from cifarflow.tracking import run_name
 
 
 def test_train_command_prints_the_run(train_data, capsys):

@@ -15,6 +15,56 @@ from cifarflow.evaluation.metrics import TTA_MODES  # noqa: E402
 from cifarflow.serving import import_tensorflow_quietly  # noqa: E402
 
 
+def _recipe_descriptions() -> dict[str, str]:
+    """``{recipe name: its description}`` of the recipe files, read without importing the models."""
+    import yaml
+
+    from cifarflow.utils import available_recipes, recipes_dir
+
+    out = {}
+    for name in available_recipes():
+        try:
+            out[name] = str((yaml.safe_load((recipes_dir() / f"{name}.yaml").read_text()) or {}).get("description", ""))
+        except (OSError, yaml.YAMLError):
+            out[name] = ""
+    return out
+
+
+def _complete_recipes(ctx, param, incomplete: str):
+    """Shell completion of RECIPE: the recipe names starting with what was typed (a path completes as a file)."""
+    from click.shell_completion import CompletionItem
+
+    if "/" in incomplete or incomplete.endswith((".yaml", ".yml")):
+        return [CompletionItem(incomplete, type="file")]
+    return [CompletionItem(name, help=about) for name, about in _recipe_descriptions().items()
+            if name.startswith(incomplete)]
+
+
+class _RecipeCommand(click.Command):
+    """A command taking RECIPE: its --help lists the recipes (name and description) before the examples."""
+
+    def format_epilog(self, ctx, formatter) -> None:
+        recipes = _recipe_descriptions()
+        if recipes:
+            with formatter.section("Recipes (experiments/*.yaml)"):
+                formatter.write_dl(sorted(recipes.items()))
+        super().format_epilog(ctx, formatter)
+
+
+def _show_progress(logger: str = "cifarflow") -> None:
+    """Print the INFO lines of ``logger`` (what a long step is doing) on stderr, bare, once."""
+    import logging
+
+    log = logging.getLogger(logger)
+    if not any(getattr(h, "_cifarflow", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._cifarflow = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def _overrides(sets, **options) -> dict:
     """``--set key=value`` items plus the options the user gave (None = not given)."""
     from cifarflow import config as cfg
@@ -56,27 +106,6 @@ def check_output(path, option: str, *, folder: bool = True) -> None:
                              f"pass a folder you can write to with {option}, or fix its permissions") from None
 
 
-def run_name(config, recipe: str) -> str:
-    """``<recipe>-<params that differ from the recipe's defaults>``, e.g. ``wrn-epochs10-depth16-width4``.
-
-    ``data`` and ``seed`` are left out, a path value is shortened to its file
-    name's stem (``weights=/x/backbone.weights.h5`` -> ``weightsbackbone``);
-    ``mlflow run`` passes every parameter explicitly, so only values that
-    differ from the recipe file count.
-    """
-    from cifarflow import config as cfg
-
-    from pathlib import PurePath
-
-    defaults = cfg.resolve(recipe).params()
-    short = lambda v: PurePath(v).name.split(".")[0] if isinstance(v, str) and "/" in v else str(v)  # noqa: E731
-    parts = [config.recipe] + [
-        f"{k}{short(v)[:16]}" for k, v in config.params().items()
-        if k not in ("data", "seed") and defaults.get(k) != v
-    ]
-    return "-".join(parts)
-
-
 class _Group(click.Group):
     """The command group; notes whether the command line asks for help (no TensorFlow needed then)."""
 
@@ -97,8 +126,19 @@ def cli(ctx: click.Context) -> None:
         import_tensorflow_quietly()
 
 
-@cli.command()
-@click.argument("recipe")
+TRAIN_EXAMPLES = """Examples:
+
+\b
+  cifarflow train cnn_small --limit 5000 --epochs 3     smoke run: a few minutes on real data
+  cifarflow train cnn_small                             the full recipe (about 30 min on 2 CPU cores)
+  cifarflow train resnet20 --set learning_rate=0.05 --set tta=flip
+  cifarflow train my_recipe.yaml --data ~/data/cifar10-jpeg.tar.gz
+  cifarflow train wrn --resume RUN_ID                   continue an interrupted run
+"""
+
+
+@cli.command(cls=_RecipeCommand, epilog=TRAIN_EXAMPLES)
+@click.argument("recipe", shell_complete=_complete_recipes)
 @click.option("--data", default=None, help="cifar10 (default; $CIFARFLOW_DATA, Keras cache, download), a folder or an archive.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the recipe's epochs.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only N training images (stratified sample) for smoke runs.")
@@ -111,20 +151,31 @@ def cli(ctx: click.Context) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, trust_data, resume, quiet) -> None:
     """Train RECIPE (a name in experiments/ or a .yaml path) and log it to MLflow."""
+    if not quiet:
+        _show_progress()
     from cifarflow import config as cfg
+    from cifarflow import tracking
     from cifarflow.training.trainer import train as run_training
 
     overrides = _overrides(sets, data=data, epochs=epochs, limit=limit, seed=seed,
                            skip_corrupt=skip_corrupt, resize=resize, trust_data=trust_data)
     config = cfg.resolve(recipe, overrides)
-    result = run_training(config, quiet=quiet, run_name=run_name(config, recipe), resume=resume)
+    result = run_training(config, quiet=quiet, run_name=tracking.run_name(config, recipe), resume=resume)
     m = result.metrics
     click.echo(f"run {result.run_id}: test_accuracy={m['test_accuracy']:.4f} test_loss={m['test_loss']:.4f} "
                f"train_seconds={m['train_seconds']:.0f} model={result.model_uri}")
 
 
-@cli.command()
-@click.argument("recipe")
+TUNE_EXAMPLES = """Examples:
+
+\b
+  cifarflow tune cnn_small --study smoke --trials 3 --epochs 2 --limit 2000
+  cifarflow tune cnn_small --study cnn-search --trials 20 --storage postgresql://user:pw@db/optuna
+"""
+
+
+@cli.command(cls=_RecipeCommand, epilog=TUNE_EXAMPLES)
+@click.argument("recipe", shell_complete=_complete_recipes)
 @click.option("--study", "study_name", required=True, help="Study name; the same name resumes or joins it.")
 @click.option("--trials", type=click.IntRange(min=1), required=True, help="Complete + pruned trials the study should hold.")
 @click.option("--storage", default="sqlite:///optuna.db", show_default=True, help="Optuna storage (SQLAlchemy URL).")
@@ -147,7 +198,8 @@ def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, trust_d
 @click.option("--quiet/--progress", default=True, show_default=True, help="Progress bars of each trial.")
 def tune(recipe, study_name, trials, storage, space_path, timeout, n_jobs, heartbeat, metric, retrain_best,
          data, trust_data, epochs, limit, seed, sets, quiet) -> None:
-    """Search RECIPE's settings with Optuna; every trial is a nested MLflow run."""
+    """Search RECIPE's settings with Optuna; every trial is a nested MLflow run (one line each when it ends)."""
+    _show_progress("cifarflow.data")  # a first extraction is worth a word; each trial's steps are not
     from cifarflow import config as cfg
     from cifarflow.training import tuning
 
@@ -226,19 +278,20 @@ def data() -> None:
 
 @data.command("info")
 @click.argument("source", default="cifar10")
-@click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
-              help="Where to write the PNG grid of sample images per class.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write a PNG grid of sample images per class to this file.")
 @click.option("--skip-corrupt", is_flag=True, help="Drop unreadable images instead of failing.")
 @click.option("--resize", is_flag=True, help="Resize images that are not 32x32.")
 @click.option("--trust-data", is_flag=True, help="Unpickle a pickle-layout source without restrictions (it can run code: only data you trust).")
 def data_info(source, out, skip_corrupt, resize, trust_data) -> None:
-    """Counts per class, checksum and a sample grid of SOURCE."""
+    """Counts per class and checksum of SOURCE (and a sample grid with --out)."""
     from pathlib import Path
 
     from cifarflow.data import datasets as d
     from cifarflow import plots
 
-    check_output(out, "--out", folder=False)
+    if out:
+        check_output(out, "--out", folder=False)
     ds = d.load(source, skip_corrupt=skip_corrupt, resize=resize, trust_data=trust_data)
     if not len(ds.y_train):
         raise CifarflowError(f"no readable training image in {source}", "check the data")
@@ -254,8 +307,10 @@ def data_info(source, out, skip_corrupt, resize, trust_data) -> None:
     click.echo(f"{'class':<{width}}  {'train':>6}  {'test':>6}")
     for name in ds.class_names:
         click.echo(f"{name:<{width}}  {train_counts[name]:>6}  {test_counts[name]:>6}")
-    plots.samples_per_class(ds.x_train, ds.y_train, ds.class_names, Path(out))
-    click.echo(f"samples:  {out}")
+    if out:
+        plots.samples_per_class(ds.x_train, ds.y_train, ds.class_names, Path(out),
+                                title=f"{Path(ds.source).name or source}: random training images per class")
+        click.echo(f"samples:  {out}")
 
 
 

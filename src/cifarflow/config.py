@@ -12,7 +12,7 @@ import yaml
 
 from cifarflow import models
 from cifarflow.errors import CifarflowError
-from cifarflow.utils import parse_value  # noqa: F401  (config.parse_value is public)
+from cifarflow.utils import available_recipes, parse_value, recipes_dir  # noqa: F401  (public here too)
 
 
 class TrainConfig(pydantic.BaseModel):
@@ -173,23 +173,6 @@ class TrainConfig(pydantic.BaseModel):
         body = self.model_dump(exclude={"model", "model_params"})
         body["model"] = {"name": self.model, **self.model_params}
         return yaml.safe_dump(body, sort_keys=False)
-
-
-def recipes_dir() -> Path:
-    """The folder of recipe files: ``$CIFARFLOW_RECIPES``, else ``experiments/``
-    of the working directory, else the one of the source checkout."""
-    env = os.environ.get("CIFARFLOW_RECIPES")
-    if env:
-        return Path(env)
-    local = Path.cwd() / "experiments"
-    if local.is_dir():
-        return local
-    return Path(__file__).resolve().parents[2] / "experiments"
-
-
-def available_recipes() -> list[str]:
-    """Names of the recipe files in :func:`recipes_dir`."""
-    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:

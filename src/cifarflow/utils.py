@@ -1,4 +1,5 @@
-"""Small helpers every layer may import (nothing from cifarflow): YAML scalar parsing, file hashing, the Keras cache folder."""
+"""Small helpers every layer may import (nothing from cifarflow): YAML scalar parsing, file hashing, the Keras cache
+folder, the recipe folder."""
 
 from __future__ import annotations
 
@@ -36,3 +37,20 @@ def keras_models_dir() -> Path:
     except ImportError:
         home = os.environ.get("KERAS_HOME", Path.home() / ".keras")
     return Path(home).expanduser() / "models"
+
+
+def recipes_dir() -> Path:
+    """The folder of recipe files: ``$CIFARFLOW_RECIPES``, else ``experiments/``
+    of the working directory, else the one of the source checkout."""
+    env = os.environ.get("CIFARFLOW_RECIPES")
+    if env:
+        return Path(env)
+    local = Path.cwd() / "experiments"
+    if local.is_dir():
+        return local
+    return Path(__file__).resolve().parents[2] / "experiments"
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipe files in :func:`recipes_dir`."""
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))

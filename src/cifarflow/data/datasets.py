@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import pickle
 import shutil
@@ -26,6 +27,7 @@ CIFAR10_CLASSES = (
 )
 IMAGE_SIZE = 32
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+log = logging.getLogger(__name__)  # progress lines; the CLI shows them
 _CACHE_FORMAT = "v1"  # bump when the cached array layout changes
 _PICKLE_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
@@ -166,6 +168,8 @@ def load(
     with FileLock(cache_file.with_suffix(".lock")):  # one decoder per source and options; the others wait
         if use_cache and (cached := _try_cache(cache_file, path)):  # decoded while we waited
             return cached
+        log.info("reading %s: %sdecoding the images, cached for the next run", path,
+                 "extracting the archive, " if path.is_file() else "")
         root = _extract(path) if path.is_file() else path
         dataset = _load_root(_find_layout_root(root, path), skip_corrupt=skip_corrupt, resize=resize,
                              trust_data=trust_data)

@@ -230,6 +230,82 @@ def use_recipe_experiment(config):
                           {"cifarflow.recipe": config.recipe, "cifarflow.model": config.model})
 
 
+def run_name(config, recipe: str | None = None) -> str:
+    """``<recipe>-<params that differ from the recipe's defaults>``, e.g. ``wrn-epochs10-depth16-width4``:
+    the one name rule of training runs, from the command line and the Python API alike.
+
+    ``data`` and ``seed`` are left out, a path value is shortened to its file
+    name's stem (``weights=/x/backbone.weights.h5`` -> ``weightsbackbone``);
+    ``mlflow run`` passes every parameter explicitly, so only values that
+    differ from the recipe file count.
+
+    Args:
+        config: the resolved ``TrainConfig``.
+        recipe: the recipe name or file it was resolved from (``config.recipe`` when None).
+    """
+    from pathlib import PurePath
+
+    from cifarflow import config as cfg
+
+    try:
+        defaults = cfg.resolve(recipe or config.recipe).params()
+    except CifarflowError:  # resolved from a recipe file that is not in experiments/
+        defaults = {}
+    short = lambda v: PurePath(v).name.split(".")[0] if isinstance(v, str) and "/" in v else str(v)  # noqa: E731
+    parts = [config.recipe] + [
+        f"{k}{short(v)[:16]}" for k, v in config.params().items()
+        if k not in ("data", "seed") and defaults.get(k) != v
+    ]
+    return "-".join(parts)
+
+
+def run_description(config, data_name: str, images: dict[str, int], results: dict[str, float] | None = None) -> str:
+    """The one-line description of a training run (MLflow's ``mlflow.note.content``, shown on the run page).
+
+    ``<results> | <recipe> (<model>) on <data>: <n> train / <n> validation / <n> test images, <epochs> epochs
+    of batch <b>, <optimizer> lr <lr> <schedule>. <recipe description>``; ``results`` (``test_accuracy``,
+    ``best_val_accuracy``, ``train_seconds``) lead once the run has them.
+    """
+    first = ""
+    if results:
+        shown = [f"{k} {results[k]:.4f}" for k in ("test_accuracy", "best_val_accuracy") if k in results]
+        if "train_seconds" in results:
+            shown.append(f"train_seconds {results['train_seconds']:.0f}")
+        first = " · ".join(shown) + " | "
+    settings = (f"{config.recipe} ({config.model}) on {data_name}: {images['train']} train / {images['validation']} "
+                f"validation / {images['test']} test images, {config.epochs} epochs of batch {config.batch_size}, "
+                f"{config.optimizer} lr {config.learning_rate:g} {config.schedule}")
+    return f"{first}{settings}." + (f" {config.description.rstrip('.')}." if config.description else "")
+
+
+def log_dataset_inputs(data_name: str, source: str, sha256: str, images: dict[str, int]) -> None:
+    """Log the splits of a run's data as MLflow dataset inputs (the runs table's Dataset column).
+
+    One input per split in ``images`` (``train``, ``validation``, ``test``;
+    empty splits skipped), named ``<data>-<split>``, with context = the split,
+    source = the data's path or URL and digest = the dataset's sha256 (its
+    first 36 hex digits, MLflow's limit). Inputs the run already has are kept.
+    """
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # a local path matches two registered source types; both are "local"
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        origin = resolve_dataset_source(source)
+    for split, count in images.items():
+        if count:
+            mlflow.log_input(MetaDataset(origin, name=f"{data_name}-{split}", digest=sha256[:36]), context=split)
+
+
+def system_metrics_wanted() -> bool:
+    """Log MLflow system metrics (CPU, memory, GPU when ``nvidia-ml-py`` finds one) for training runs, unless
+    ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` says false; their start/stop messages stay out of the terminal."""
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() not in ("false", "0", "no")
+
+
 def run_title(run_id: str | None = None) -> str:
     """``<run name> (run <first 8 hex of the id>)`` of ``run_id`` (the active run when None), for plot titles."""
     run = mlflow.get_run(run_id) if run_id else mlflow.active_run()
