@@ -200,7 +200,6 @@ def tune(recipe, study_name, trials, storage, space_path, timeout, n_jobs, heart
          data, trust_data, epochs, limit, seed, sets, quiet) -> None:
     """Search RECIPE's settings with Optuna; every trial is a nested MLflow run (one line each when it ends)."""
     _show_progress("cifarflow.data")  # a first extraction is worth a word; each trial's steps are not
-    from cifarflow import config as cfg
     from cifarflow.training import tuning
 
     overrides = _overrides(sets, data=data, epochs=epochs, limit=limit, seed=seed, trust_data=trust_data)
