@@ -60,10 +60,13 @@ def test_piped_training_prints_one_line_per_epoch_without_control_codes(piped_tr
 @pytest.mark.slow
 def test_training_says_what_it_does_before_and_after_the_epochs(piped_train):
     _, proc, _, _, _ = piped_train
-    said = proc.stderr.splitlines()
-    assert any(line.startswith("loading data") for line in said), proc.stderr
-    assert any(line.startswith("testing") for line in said), proc.stderr
-    assert any(line.startswith("logging") and "model" in line for line in said), proc.stderr
+    said = proc.stdout.splitlines()  # beside the epoch lines; stderr is for errors
+    first_epoch = said.index("Epoch 1/2")
+    assert said[0].startswith("loading data") and first_epoch > 0, proc.stdout
+    after = said[said.index("Epoch 2/2") + 2:]
+    assert after[0].startswith("testing on 18 images"), proc.stdout
+    assert after[1].startswith("logging") and "model" in after[1], proc.stdout
+    assert proc.stderr == "", proc.stderr
 
 
 @pytest.mark.slow
@@ -149,3 +152,14 @@ def test_help_and_completion_do_not_import_tensorflow(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1].replace("'", '"')) == []
+
+
+def test_the_python_api_imports_quietly(tmp_path):
+    """No TensorFlow start-up chatter (absl, oneDNN, CUDA probes) when the package is imported."""
+    script = ("from cifarflow.training.trainer import train\nfrom cifarflow.deploy import export, pull\n"
+              "from cifarflow.evaluation import evaluator\nprint('imported')")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env=env)
+    assert proc.returncode == 0 and proc.stdout == "imported\n", proc.stderr[-2000:]
+    assert proc.stderr == "", proc.stderr[-2000:]

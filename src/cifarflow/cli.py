@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -51,16 +52,18 @@ class _RecipeCommand(click.Command):
         super().format_epilog(ctx, formatter)
 
 
-def _show_progress(logger: str = "cifarflow") -> None:
-    """Print the INFO lines of ``logger`` (what a long step is doing) on stderr, bare, once."""
-    import logging
+class _Echo(logging.Handler):
+    """Prints a log record's message on the current stdout (beside Keras' epoch lines; stderr keeps errors)."""
 
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record))
+
+
+def _show_progress(logger: str = "cifarflow") -> None:
+    """Print the INFO lines of ``logger`` (what a long step is doing), bare, once."""
     log = logging.getLogger(logger)
-    if not any(getattr(h, "_cifarflow", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._cifarflow = True
-        log.addHandler(handler)
+    if not any(isinstance(h, _Echo) for h in log.handlers):
+        log.addHandler(_Echo())
     log.setLevel(logging.INFO)
     log.propagate = False
 

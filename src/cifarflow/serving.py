@@ -11,6 +11,7 @@ predicts without progress output, so `mlflow models predict` writes nothing but 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -45,26 +46,22 @@ def pixel_problem(x) -> str | None:
     return f"{int(bad.sum())} pixel value(s) not in 0..255 (first: {float(first)} in image {image})"
 
 
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its C++ start-up lines (absl, oneDNN, CUDA probes) held back.
+@contextlib.contextmanager
+def held_stderr():
+    """Hold back what C/C++ code writes to stderr (fd 2) inside the block; replay it if the block raises.
 
-    TF 2.21 prints them before ``TF_CPP_MIN_LOG_LEVEL`` takes effect, so stderr
-    (fd 2) goes to a temporary file during the import; that file is replayed on
-    stderr if the import fails. ``TF_CPP_MIN_LOG_LEVEL`` defaults to 3 afterwards
-    (set it to 0 to see TensorFlow's C++ log). A no-op when TensorFlow is
-    already imported or Keras runs on another backend.
+    For libraries that print start-up chatter from native code, which Python's
+    ``warnings`` and ``logging`` cannot filter (TensorFlow's absl lines, LiteRT's
+    "Created TensorFlow Lite XNNPACK delegate").
     """
-    if "tensorflow" in sys.modules or os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-        return
     import tempfile
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
         try:
-            import tensorflow  # noqa: F401
+            yield
         except BaseException:
             os.dup2(saved, 2)
             held.seek(0)
@@ -73,6 +70,21 @@ def import_tensorflow_quietly() -> None:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up lines (absl, oneDNN, CUDA probes) held back (:func:`held_stderr`).
+
+    TF 2.21 prints them before ``TF_CPP_MIN_LOG_LEVEL`` takes effect.
+    ``TF_CPP_MIN_LOG_LEVEL`` defaults to 3 afterwards (set it to 0 to see
+    TensorFlow's C++ log). A no-op when TensorFlow is already imported or Keras
+    runs on another backend.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with held_stderr():
+        import tensorflow  # noqa: F401
 
 
 class KerasClassifier:

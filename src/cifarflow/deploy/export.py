@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarflow.errors import CifarflowError
+from cifarflow.serving import held_stderr
 
 FORMATS = ("onnx", "tflite")
 QUANTIZE = ("none", "float16", "dynamic", "int8")
@@ -97,7 +98,8 @@ def predict_tflite(path: Path | str, x: np.ndarray, batch_size: int = 256) -> np
         chunk = x[i:i + batch_size]
         if chunk.shape != shape:
             interpreter.resize_tensor_input(inp["index"], list(chunk.shape))
-            interpreter.allocate_tensors()
+            with held_stderr():  # LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+                interpreter.allocate_tensors()
             shape = chunk.shape
         interpreter.set_tensor(inp["index"], chunk)
         interpreter.invoke()

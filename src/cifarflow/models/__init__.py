@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from cifarflow.serving import import_tensorflow_quietly
+
+import_tensorflow_quietly()  # before Keras: TensorFlow's C++ start-up lines stay out of the terminal
+
 import inspect
 from typing import Callable
 
