@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -25,6 +27,8 @@ from cifarflow.evaluation import scoring
 from cifarflow.evaluation.metrics import TTA_VIEWS
 from cifarflow.training import checkpoints, optim, plans
 from cifarflow.training.phases import TrainingPlan
+
+log = logging.getLogger(__name__)  # progress lines; the CLI shows them beside the epoch lines
 
 
 @dataclass(frozen=True)
@@ -202,16 +206,25 @@ def _check_resumable(config: TrainConfig, resume: str, dataset_sha256: str) -> N
                              "resume with the recipe, data and settings of the original run, or start a new run")
 
 
+def progress_verbosity() -> int:
+    """Keras ``verbose`` for ``fit``: the live bar (1) on a terminal, else one plain line per epoch (2).
+
+    Keras 3 treats every POSIX process as a terminal (``"posix" in sys.modules``),
+    so piped output would otherwise fill with ANSI codes and carriage returns.
+    """
+    return 1 if sys.stdout.isatty() else 2
+
+
 def _start_run(config: TrainConfig, run_name: str | None, resume: str | None):
     if resume:
-        return mlflow.start_run(run_id=resume)
+        return mlflow.start_run(run_id=resume, log_system_metrics=tracking.system_metrics_wanted())
+    run_name = run_name or tracking.run_name(config)
     if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: use its run, with our name
-        run = mlflow.start_run()
-        if run_name:
-            mlflow.tracking.MlflowClient().update_run(run.info.run_id, name=run_name)
+        run = mlflow.start_run(log_system_metrics=tracking.system_metrics_wanted())
+        mlflow.tracking.MlflowClient().update_run(run.info.run_id, name=run_name)
         return run
-    mlflow.set_experiment(tracking.experiment_name(config.recipe))
-    return mlflow.start_run(run_name=run_name or f"{config.recipe}-e{config.epochs}")
+    tracking.use_recipe_experiment(config)
+    return mlflow.start_run(run_name=run_name, log_system_metrics=tracking.system_metrics_wanted())
 
 
 def train(config: TrainConfig, *, quiet: bool = False, run_name: str | None = None,
@@ -297,7 +310,7 @@ def _fit_plan(model: keras.Model, plan: TrainingPlan, config: TrainConfig, train
     phase (or one not called ``train``) the run gets the tags ``cifarflow.phase``
     (the phase in progress, then the last one) and ``cifarflow.phase_epochs``
     (``head:0-1,fine_tune:2-4``) and a per-epoch metric ``phase`` (1, 2, ...);
-    ``trainable_params`` (and the counts ``phase.prepare`` returns) are logged
+    ``trainable_param_count`` (and the counts ``phase.prepare`` returns) are logged
     at each phase's first epoch.
     """
     epoch, spans = 0, []
@@ -309,14 +322,14 @@ def _fit_plan(model: keras.Model, plan: TrainingPlan, config: TrainConfig, train
         compile_model(model, phase.config, steps_per_epoch)
         if named:
             mlflow.set_tag("cifarflow.phase", phase.name)
-        mlflow.log_metrics({"trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+        mlflow.log_metrics({"trainable_param_count": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
                             **counts}, step=epoch)
         callbacks = make_callbacks(config, train_images=train_images, checkpoint_dir=checkpoint_dir,
                                    has_validation=val_ds is not None, best_so_far=best_so_far,
                                    restore=index == 1)  # a later phase goes on from the model in memory
         callbacks += list(extra_callbacks or [])
         fitted = model.fit(train_ds, validation_data=val_ds, initial_epoch=epoch, epochs=epoch + phase.epochs,
-                           callbacks=callbacks, shuffle=False, verbose=0 if quiet else 1)  # the dataset shuffles, seeded
+                           callbacks=callbacks, shuffle=False, verbose=0 if quiet else progress_verbosity())  # the dataset shuffles, seeded
         done = fitted.epoch or [epoch - 1]
         if named:
             spans.append(f"{phase.name}:{done[0]}-{done[-1]}")
@@ -361,8 +374,18 @@ def _restore_best(model: keras.Model, best_file: Path) -> None:
             model.load_weights(str(best_file))
 
 
+def _images(splits: Splits) -> dict[str, int]:
+    return {"train": len(splits.y_train), "validation": len(splits.y_val), "test": len(splits.ds.y_test)}
+
+
+def _data_name(config: TrainConfig, ds: datasets.Dataset) -> str:
+    """The data's short name: its file or folder name without suffixes (``cifar10-jpeg``), else ``config.data``."""
+    return Path(ds.source).name.split(".")[0] if ds.source else str(config.data)
+
+
 def _log_inputs(config: TrainConfig, splits: Splits, model: keras.Model, run_id: str, tags: dict[str, str]) -> None:
-    """Tags, params (resolved recipe and data sizes), ``recipe.yaml``, ``params`` and ``skipped_corrupt_images``."""
+    """Tags, the one-line description, params (resolved recipe and data sizes), the splits as MLflow dataset
+    inputs, ``recipe.yaml``, ``param_count`` and ``skipped_corrupt_images``."""
     ds = splits.ds
     mlflow.set_tags({**tracking.run_tags(config.recipe, ds.checksum), **tags})
     tracking.log_params_once(run_id, {
@@ -371,15 +394,22 @@ def _log_inputs(config: TrainConfig, splits: Splits, model: keras.Model, run_id:
         "train_images": len(splits.y_train), "val_images": len(splits.y_val), "test_images": len(ds.y_test),
         "num_classes": ds.num_classes, "tta_views": TTA_VIEWS[config.tta],
     })
+    mlflow.set_tag("mlflow.note.content", tracking.run_description(config, _data_name(config, ds), _images(splits)))
+    if not mlflow.get_run(run_id).inputs.dataset_inputs:  # a resumed run has them
+        tracking.log_dataset_inputs(_data_name(config, ds), ds.source or str(config.data), ds.checksum,
+                                    _images(splits))
     mlflow.log_text(config.to_yaml(), "recipe.yaml")
-    mlflow.log_metrics({"skipped_corrupt_images": len(ds.skipped_files), "params": model.count_params()})
+    mlflow.log_metrics({"skipped_corrupt_images": len(ds.skipped_files), "param_count": model.count_params()})
 
 
-def _score_and_log(model: keras.Model, config: TrainConfig, ds: datasets.Dataset, run_id: str,
+def _score_and_log(model: keras.Model, config: TrainConfig, splits: Splits, run_id: str,
                    train_seconds: float) -> dict[str, float]:
     """Score the trained model on the test split through :func:`cifarflow.evaluation.scoring.score` (as
     `cifarflow evaluate` does, without FGSM) and log its metrics and artifacts, ``train_seconds``,
-    ``best_val_accuracy``, ``training_curves.png`` and ``classes.json``; returns the final metrics."""
+    ``best_val_accuracy``, ``training_curves.png`` and ``classes.json``; the run's description then
+    leads with the results. Returns the final metrics."""
+    ds = splits.ds
+    log.info("testing on %d images", len(ds.y_test))
     predict, _ = scoring.keras_functions(model)
     scored = scoring.score(ds, predict, None, tta=config.tta, fgsm_images=0)
     scoring.log_scored(scored, ds)
@@ -388,12 +418,15 @@ def _score_and_log(model: keras.Model, config: TrainConfig, ds: datasets.Dataset
     if best_val:
         extra["best_val_accuracy"] = max(best_val)
     mlflow.log_metrics(extra)
-    curves = _metric_history(run_id, ["train_loss", "val_loss", "train_accuracy", "val_accuracy"])
+    metrics = {**scored.metrics, **extra}
+    mlflow.set_tag("mlflow.note.content",
+                   tracking.run_description(config, _data_name(config, ds), _images(splits), metrics))
+    curves = _metric_history(run_id, ["train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr"])
     with tempfile.TemporaryDirectory() as tmp:
-        plots.training_curves(curves, Path(tmp) / "training_curves.png")
+        plots.training_curves(curves, Path(tmp) / "training_curves.png", title=tracking.run_title(run_id))
         (Path(tmp) / "classes.json").write_text(json.dumps(list(ds.class_names)))
         mlflow.log_artifacts(tmp)
-    return {**scored.metrics, **extra}
+    return metrics
 
 
 def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: str | None, in_active_run: bool,
@@ -415,7 +448,7 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
     Args:
         config: the resolved recipe.
         quiet: no progress bar.
-        run_name: MLflow run name; ``<recipe>-e<epochs>`` when None.
+        run_name: MLflow run name; :func:`cifarflow.tracking.run_name` when None (as the CLI names it).
         resume: id of an interrupted run to continue.
         in_active_run: log into the active MLflow run (e.g. a tuning trial's
             nested run) and leave it open, instead of starting a run.
@@ -438,6 +471,7 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
                              "start a new run (without --resume)")
     tracking.configure()
     seed_everything(config.seed)
+    log.info("loading data %s", config.data)
     splits = load_splits(config)
     model = build_and_compile(config, splits.ds.num_classes, splits.x_train)
     train_ds, val_ds, data_callbacks = input_pipelines(config, splits)
@@ -464,9 +498,10 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
         _restore_best(model, ckpt_dir / "best.weights.h5")
         plan.after_fit(model, run_id)
 
-        metrics = _score_and_log(model, config, splits.ds, run_id, train_seconds)
+        metrics = _score_and_log(model, config, splits, run_id, train_seconds)
         model_uri = ""
         if log_model:
+            log.info("logging the model to MLflow")
             plain = optim.portable(model.optimizer)
             if plain is not model.optimizer:  # the saved model must load with plain Keras (serving, export)
                 model.compile(optimizer=plain, loss=model.loss, metrics=["accuracy"])
