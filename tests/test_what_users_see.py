@@ -163,3 +163,10 @@ def test_the_python_api_imports_quietly(tmp_path):
                           env=env)
     assert proc.returncode == 0 and proc.stdout == "imported\n", proc.stderr[-2000:]
     assert proc.stderr == "", proc.stderr[-2000:]
+
+
+def test_completion_is_explained_in_the_help_and_the_scripts_work(tmp_path):
+    proc = cifarflow("--help", cwd=tmp_path)
+    assert '_CIFARFLOW_COMPLETE=bash_source cifarflow' in proc.stdout and "zsh_source" in proc.stdout
+    script = cifarflow(cwd=tmp_path, _CIFARFLOW_COMPLETE="bash_source")
+    assert script.returncode == 0 and "complete -o nosort -F" in script.stdout and "_CIFARFLOW_COMPLETE" in script.stdout

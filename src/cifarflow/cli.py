@@ -120,7 +120,16 @@ class _Group(click.Group):
 WITHOUT_TENSORFLOW = ("data",)  # commands that never import TensorFlow
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+COMPLETION = """Shell completion of commands, options and recipe names (add to ~/.bashrc or ~/.zshrc):
+
+\b
+  eval "$(_CIFARFLOW_COMPLETE=bash_source cifarflow)"     bash
+  eval "$(_CIFARFLOW_COMPLETE=zsh_source cifarflow)"      zsh
+  _CIFARFLOW_COMPLETE=fish_source cifarflow | source     fish
+"""
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=COMPLETION)
 @click.version_option(package_name="cifarflow")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
@@ -213,7 +222,8 @@ def tune(recipe, study_name, trials, storage, space_path, timeout, n_jobs, heart
     click.echo(f"study {study_name}: {states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned, "
                f"{states.count('FAIL')} failed")
     if states.count("COMPLETE"):
-        click.echo(f"best {study.best_value:.4f} (trial {study.best_trial.number}): {study.best_params}")
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in study.best_params.items())
+        click.echo(f"best {study.best_value:.4f} (trial {study.best_trial.number}): {shown}")
 
 
 @cli.command("evaluate")

@@ -28,6 +28,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _fit(fig, text: str) -> str:
+    """``text`` (lines) cut in the middle to what a 12-pt title can show across ``fig``'s width."""
+    width = int(fig.get_figwidth() * 7.5)
+    return "\n".join(short_label(line, width) for line in str(text).split("\n"))
+
+
 def _integer_ticks(axis) -> None:
     axis.set_major_locator(MaxNLocator(integer=True))
 
@@ -60,7 +66,7 @@ def training_curves(history: dict[str, list[float]], path: Path, title: str = ""
         _integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=FONT)
-    fig.suptitle(title or "training curves")
+    fig.suptitle(_fit(fig, title or "training curves"))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -96,7 +102,7 @@ def image_grid(images: np.ndarray, titles: list[str], path: Path, columns: int =
         ax.imshow(img)
         ax.set_title(caption, fontsize=FONT)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_fit(fig, title))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -111,7 +117,7 @@ def misclassified_grid(x, y_true, probs, class_names, path: Path, count: int = 3
         fig, ax = plt.subplots(figsize=(6, 1.5))
         ax.axis("off")
         ax.text(0.5, 0.5, f"no misclassified test images ({len(y_true)} tested)", ha="center", va="center")
-        ax.set_title(heading)
+        ax.set_title(_fit(fig, heading))
         return _save(fig, path)
     captions = [f"true {class_names[y_true[i]]}\npred {class_names[y_pred[i]]} {probs[i, y_pred[i]]:.2f}" for i in wrong]
     return image_grid(x[wrong], captions, path, title=heading)
@@ -143,7 +149,8 @@ def reliability_diagram(bins: list[tuple[float, float, int]], ece: float, path: 
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     ax.set_xlabel("confidence (top-class probability)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability: {title}\nECE {ece:.4f}, {n} bins" if title else f"reliability (ECE {ece:.4f}, {n} bins)")
+    ax.set_title(_fit(fig, f"reliability: ECE {ece:.4f}, {n} bins\n{title}" if title else
+                      f"reliability (ECE {ece:.4f}, {n} bins)"))
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left", fontsize=FONT)
@@ -202,7 +209,7 @@ def scatter(x, y, labels, xlabel: str, ylabel: str, path: Path, log_x: bool = Fa
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.set_title(title or f"{ylabel} vs {xlabel}")
+    ax.set_title(_fit(fig, title or f"{ylabel} vs {xlabel}"))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -217,7 +224,7 @@ def heatmap(values: np.ndarray, rows, columns, title: str, path: Path, colorbar_
         for j in range(values.shape[1]):
             ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=FONT,
                     color="white" if values[i, j] < 0.6 else "black")
-    ax.set_title(title)
+    ax.set_title(_fit(fig, title))
     fig.colorbar(im, ax=ax, label=colorbar_label)
     fig.tight_layout()
     return _save(fig, path)
@@ -249,7 +256,7 @@ def optimization_history(study, metric: str, path: Path, title: str = "") -> Pat
     ax.margins(x=0.05, y=0.1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=FONT)
-    ax.set_title(title or f"study {study.study_name}")
+    ax.set_title(_fit(fig, title or f"study {study.study_name}"))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -316,6 +323,6 @@ def parallel_coordinate(study, metric: str, path: Path, title: str = "") -> Path
     ax.set_xlim(-0.2, len(names) + 0.6)
     ax.set_ylim(-0.05, 1.05)
     fig.colorbar(lines, ax=ax, label=metric)
-    ax.set_title(title or f"study {study.study_name}")
+    ax.set_title(_fit(fig, title or f"study {study.study_name}"))
     fig.tight_layout()
     return _save(fig, path)

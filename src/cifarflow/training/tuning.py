@@ -342,8 +342,10 @@ def _importances_plot(study: optuna.Study, metric: str, path: Path, title: str) 
 
     with warnings.catch_warnings():  # "Parameter importances will be equal" on few or tied trials: the plot says so
         warnings.filterwarnings("ignore", category=UserWarning, module=r"optuna\.importance")
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the matplotlib backend
         ax = plot_param_importances(study, target_name=metric)
-    ax.set_title(title)
+    ax.set_title("", loc="left")  # Optuna's own "Hyperparameter Importances"
+    ax.set_title(f"parameter importances: {title}")
     ax.set_xlabel(f"importance for {metric}")
     fig = ax.figure
     fig.set_size_inches(8, 4.8)
