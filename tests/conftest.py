@@ -33,6 +33,7 @@ def isolate(monkeypatch, root: Path) -> None:
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # the process-wide URI wins over the env
     monkeypatch.setenv("KERAS_HOME", str(root / "keras_home"))
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")  # a sampling thread per run: on where tested
     monkeypatch.delenv("CIFARFLOW_DATA", raising=False)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)  # mlflow.set_experiment exports the id

@@ -36,6 +36,8 @@ def piped_train(tmp_path_factory):
     write_class_folders(root / "data", per_class=(24, 6))
     with pytest.MonkeyPatch.context() as mp:
         isolate(mp, root)
+        mp.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")  # what a user gets: on by default
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a sample within this short run
         proc = cifarflow("train", "cnn_small", "--data", str(root / "data"), "--epochs", "2", *TINY, cwd=root)
         assert proc.returncode == 0, proc.stderr[-3000:]
         client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])

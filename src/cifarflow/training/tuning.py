@@ -475,7 +475,7 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
     from cifarflow.training.trainer import train
 
     overrides = dict(overrides or {})
-    fixed = cfg.resolve(recipe, overrides)  # fail fast on bad fixed settings
+    base = cfg.resolve(recipe, overrides)  # fail fast on bad fixed settings
     space_path = Path(space_path or find_space(recipe))
     space = load_space(space_path, recipe)
     if metric:
@@ -496,7 +496,7 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
     )
     lock = functools.partial(study_lock, storage, study_name)
     identity = {"recipe": recipe, "metric": space.metric}
-    experiment = tracking.use_recipe_experiment(fixed)
+    experiment = tracking.use_recipe_experiment(base)
     with lock():
         _fail_stale_trials(study)  # a worker killed before this one started
         if not study.trials and not study.user_attrs:
@@ -516,12 +516,12 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
                          "cifarflow.optuna_storage": tracking.mask_url(storage),
                          "cifarflow.search_space": space_path.name})
         mlflow.log_text(space_path.read_text(), "search_space.yaml")
-        params = study_params(recipe, trials, storage, space.metric, space, space_path.name, fixed, overrides)
+        params = study_params(recipe, trials, storage, space.metric, space, space_path.name, base, overrides)
         logged = mlflow.get_run(parent.info.run_id).data.params  # a re-run of the study keeps the first settings
         mlflow.log_params({k: v for k, v in params.items() if k not in logged})
         mlflow.set_tag("mlflow.note.content",
                        f"Optuna study {study_name}: {recipe} searched over {', '.join(space.params)} for the best "
-                       f"{space.metric} ({space.direction}), {trials} trials of {fixed.epochs} epochs; "
+                       f"{space.metric} ({space.direction}), {trials} trials of {base.epochs} epochs; "
                        f"each trial is a nested run, the study lives in {tracking.mask_url(storage)}.")
         study.set_metric_names([space.metric])
         mlflow_cb = MLflowCallback(metric_name=f"best_{space.metric}", create_experiment=False,
