@@ -172,3 +172,8 @@ def test_completion_is_explained_in_the_help_and_the_scripts_work(tmp_path):
     assert '_CIFARFLOW_COMPLETE=bash_source cifarflow' in proc.stdout and "zsh_source" in proc.stdout
     script = cifarflow(cwd=tmp_path, _CIFARFLOW_COMPLETE="bash_source")
     assert script.returncode == 0 and "complete -o nosort -F" in script.stdout and "_CIFARFLOW_COMPLETE" in script.stdout
+
+
+def test_completion_is_documented():
+    text = (REPO / "docs" / "cli.md").read_text()
+    assert "_CIFARFLOW_COMPLETE=bash_source" in text and "_CIFARFLOW_COMPLETE=zsh_source" in text

@@ -24,7 +24,7 @@ def train(recipe: str, *, data: str | None = None, epochs: int | None = None, li
         limit: use only this many training images (stratified sample).
         seed: random seed (the recipe's, 42, when None).
         quiet: no progress bar.
-        run_name: MLflow run name (``<recipe>-e<epochs>`` when None).
+        run_name: MLflow run name (:func:`cifarflow.tracking.run_name`, as the CLI names it, when None).
         **overrides: any recipe setting or model parameter (``width=0.25``, ``label_smoothing=0``).
 
     Returns:
