@@ -11,7 +11,7 @@ ROOT = Path(cifarflow.__file__).resolve().parent
 
 # Lowest first. A module may import its own layer or a lower one, never a higher one.
 LAYERS = (
-    ("cifarflow", "cifarflow.errors", "cifarflow.utils", "cifarflow.plots"),
+    ("cifarflow", "cifarflow.errors", "cifarflow.utils", "cifarflow.plots", "cifarflow.serving"),
     ("cifarflow.models", "cifarflow.data.datasets"),
     ("cifarflow.config", "cifarflow.data"),
     ("cifarflow.tracking",),
