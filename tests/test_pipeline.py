@@ -75,3 +75,27 @@ def test_shuffle_is_seeded():
     assert not np.array_equal(first_pixels(5), first_pixels(6))
     assert not np.array_equal(first_pixels(5), x[:, 0, 0, 0].astype(np.float32))
     np.testing.assert_array_equal(np.sort(first_pixels(5)), np.sort(x[:, 0, 0, 0].astype(np.float32)))
+
+
+def test_an_epoch_is_a_function_of_seed_and_epoch_so_a_fresh_pipeline_resumes_it():
+    """Order, augmentation (RandAugment included) and MixUp/CutMix of epoch k are the same on a fresh
+    pipeline whose clock says k (a resumed run) as on the k-th iteration of one that ran from epoch 0."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (48, 8, 8, 3)).astype(np.uint8), np.arange(48) % 4
+    cfg = config.resolve("cnn_small", {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "randaugment_ops": 1})
+
+    def make(clock):
+        return pipeline.make_dataset(x, y, 4, 16, training=True, augment=pipeline.augmentation(cfg, image_size=8),
+                                     mix=pipeline.mixing(cfg), seed=3, clock=clock)
+
+    ds = make(pipeline.EpochClock())
+    assert ds.cardinality() == 3
+    epochs = [list(ds.as_numpy_iterator()) for _ in range(3)]  # without fit, each iteration is the next epoch
+    clock = pipeline.EpochClock()
+    resumed = make(clock)
+    clock.on_epoch_begin(2)  # as fit(initial_epoch=2) does
+    for (a, la), (b, lb) in zip(epochs[2], resumed.as_numpy_iterator(), strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(la, lb)
+    assert not np.array_equal(epochs[1][0][0], epochs[2][0][0])  # and each epoch draws anew
+    assert not np.array_equal(epochs[1][0][1], epochs[2][0][1])

@@ -113,16 +113,49 @@ def mixing(config: TrainConfig, seed: int = 42) -> list[keras.layers.Layer]:
     return layers
 
 
-class AlternatingFlip(keras.callbacks.Callback):
+class EpochClock(keras.callbacks.Callback):
+    """The epoch whose randomness a training pipeline draws, as a ``fit`` callback.
+
+    :func:`make_dataset` makes every training epoch's order, augmentation and mixing a
+    function of ``(seed, epoch, batch index)``; the epoch is this clock's when an
+    epoch's iteration starts. As a ``fit`` callback it follows ``fit``'s epochs, so a
+    run resumed with ``fit(initial_epoch=k)`` sees the batches an uninterrupted run
+    sees at epoch ``k``. Without the callback each new iteration of the dataset
+    counts as the next epoch (0, 1, 2, ...).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = None  # a tf.Variable, made when a tf.data pipeline first needs it
+
+    def variable(self):
+        """The epoch as an int64 ``tf.Variable`` (created on first use)."""
+        if self._epoch is None:
+            self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="pipeline_epoch")
+        return self._epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.variable().assign(epoch)
+
+    def start_epoch(self) -> tf.Tensor:
+        """(Inside the pipeline) the epoch now starting, int64 scalar; the clock then reads one more."""
+        epoch = self.variable()
+        current = epoch.read_value()
+        with tf.control_dependencies([current]):
+            bump = epoch.assign_add(1)
+        with tf.control_dependencies([bump]):
+            return tf.identity(current)
+
+
+class AlternatingFlip(EpochClock):
     """Derandomized horizontal flip ("alternating flip", Jordan 2024, arXiv 2404.00498;
     legacy/airbench94.py L131-147 in KellerJordan/cifar10-airbench).
 
     :meth:`prepare` mirrors a seeded random half of the training images once; then
     on every odd epoch the input pipeline mirrors all of them (:meth:`__call__`). Each
     image thus alternates between its two orientations from one epoch to the next,
-    instead of a coin deciding each epoch. As a ``fit`` callback it keeps the
-    pipeline's epoch equal to ``fit``'s (a resumed run's included); the pipeline
-    reads it when an epoch's iteration starts.
+    instead of a coin deciding each epoch. It is also the pipeline's
+    :class:`EpochClock` when none is given, so it must be among ``fit``'s callbacks.
 
     Args:
         seed: seed of the half mirrored once.
@@ -131,19 +164,55 @@ class AlternatingFlip(keras.callbacks.Callback):
     def __init__(self, seed: int = 42):
         super().__init__()
         self.seed = seed
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="alternating_flip_epoch")
 
     def prepare(self, x: np.ndarray) -> np.ndarray:
         """``x`` (N, H, W, C) with a seeded random half of the images mirrored (a copy)."""
         mirror = np.random.default_rng(self.seed).random(len(x)) < 0.5
         return np.where(mirror[:, None, None, None], x[:, :, ::-1], x)
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch.assign(epoch)
+    def __call__(self, images: tf.Tensor, epoch: tf.Tensor) -> tf.Tensor:
+        """A batch (B, H, W, C), mirrored when ``epoch`` is odd."""
+        return tf.cond(epoch % 2 == 1, lambda: tf.reverse(images, axis=[2]), lambda: images)
 
-    def __call__(self, images: tf.Tensor) -> tf.Tensor:
-        """A batch (B, H, W, C), mirrored when the current epoch is odd."""
-        return tf.cond(self.epoch % 2 == 1, lambda: tf.reverse(images, axis=[2]), lambda: images)
+
+class _BatchSeeds(keras.random.SeedGenerator):
+    """A stateless stand-in for a random layer's ``SeedGenerator`` while a batch's map function is traced:
+    draw ``i`` of the layer gets the seed ``fold_in(key, i)``, ``key`` being the batch's and the layer's."""
+
+    def __init__(self, key: tf.Tensor):  # no state variable: nothing to advance, nothing to race on
+        self.key, self.draws = key, 0
+
+    def next(self, ordered=True):
+        self.draws += 1
+        return tf.cast(tf.random.experimental.stateless_fold_in(self.key, self.draws), tf.int64)
+
+
+def _random_layers(layers) -> list[keras.layers.Layer]:
+    """Every layer (nested ones included) in ``layers`` that draws from a ``SeedGenerator``, in a fixed order."""
+    found = []
+    for top in layers:
+        for layer in top._flatten_layers(include_self=True, recursive=True):
+            if isinstance(getattr(layer, "generator", None), keras.random.SeedGenerator) and layer not in found:
+                found.append(layer)
+    return found
+
+
+def _call_seeded(layers, batch_key: tf.Tensor, call):
+    """``call()`` with every random layer of ``layers`` drawing its seeds from ``batch_key`` (while tracing);
+    the layers' own generators are put back afterwards."""
+    saved = []
+    for i, layer in enumerate(_random_layers(layers)):
+        key = tf.random.experimental.stateless_fold_in(batch_key, i * 1_000_003 + int(getattr(layer, "seed", 0) or 0))
+        seeds = _BatchSeeds(key)
+        saved.append((layer, layer.generator, dict(getattr(layer, "_backend_generators", {}))))
+        object.__setattr__(layer, "generator", seeds)  # not tracked: no state to save or restore
+        object.__setattr__(layer, "_backend_generators", {"tensorflow": seeds})
+    try:
+        return call()
+    finally:
+        for layer, generator, backends in saved:
+            object.__setattr__(layer, "generator", generator)
+            object.__setattr__(layer, "_backend_generators", backends)
 
 
 def make_dataset(
@@ -157,8 +226,17 @@ def make_dataset(
     mix: list[keras.layers.Layer] | None = None,
     alternate: AlternatingFlip | None = None,
     seed: int = 42,
+    clock: EpochClock | None = None,
 ) -> tf.data.Dataset:
     """Batches of ``(pixels, one_hot)`` for ``model.fit`` / ``evaluate``.
+
+    Training batches are a pure function of ``(seed, epoch, batch index)``: the
+    epoch's order is a stateless shuffle keyed by ``(seed, epoch)`` and every random
+    draw of ``alternate``, ``augment`` and ``mix`` is keyed by ``(seed, epoch,
+    batch index, layer, draw)``, whatever order tf.data runs the batches in. The
+    epoch is ``clock``'s (see :class:`EpochClock`; put it among ``fit``'s callbacks),
+    so a resumed ``fit(initial_epoch=k)`` sees the batches an uninterrupted run sees
+    at epoch ``k``.
 
     Args:
         x: uint8 images (N, H, W, 3), values 0..255.
@@ -169,35 +247,54 @@ def make_dataset(
         augment: layers from :func:`augmentation`, applied per batch.
         alternate: an :class:`AlternatingFlip` (training only), applied before
             ``augment``; ``x`` must come from its :meth:`~AlternatingFlip.prepare` and
-            it must be among ``fit``'s callbacks.
+            it must be among ``fit``'s callbacks (it is the clock when ``clock`` is None).
         mix: layers from :func:`mixing`, applied per batch after ``augment``
             (training only); labels become soft, each row still summing to 1.
-        seed: shuffle seed.
+        seed: seed of the order and of the augmentation draws.
+        clock: the :class:`EpochClock` naming the epoch (training only); None: ``alternate``,
+            else a private clock that counts the dataset's iterations.
 
     Returns:
         A prefetched ``tf.data.Dataset`` of float32 ``(b, H, W, 3)`` pixels on the
-        0..255 scale and float32 ``(b, num_classes)`` one-hot labels.
+        0..255 scale and float32 ``(b, num_classes)`` one-hot labels, of known cardinality.
     """
-    ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
-    if training:
-        ds = ds.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-
     def to_float(images, labels):
         return tf.cast(images, tf.float32), tf.one_hot(labels, num_classes)
 
-    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
-    if training and alternate is not None:
-        ds = ds.map(lambda i, l: (alternate(i), l), num_parallel_calls=tf.data.AUTOTUNE)
-    if training and augment is not None:
-        ds = ds.map(lambda i, l: (augment(i, training=True), l), num_parallel_calls=tf.data.AUTOTUNE)
-    if training and mix:
+    if not training:
+        ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).batch(batch_size)
+        return ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
-        def mix_batch(images, labels):
-            batch = {"images": images, "labels": labels}
-            for layer in mix:
+    clock = clock or alternate or EpochClock()
+    clock.variable()  # made eagerly, outside tf.data's tracing
+    n, images_all, labels_all = len(y), tf.constant(x), tf.constant(y.astype(np.int32))
+    seed_key = tf.constant([seed, 0], dtype=tf.int64)
+
+    def epoch_batches(epoch):
+        epoch_key = tf.random.experimental.stateless_fold_in(seed_key, epoch)
+        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=epoch_key)
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+        return batches.map(lambda b, idx: (epoch, b, idx))
+
+    random_layers = ([augment] if augment is not None else []) + list(mix or [])
+
+    def load_batch(epoch, index, idx):
+        images, labels = to_float(tf.gather(images_all, idx), tf.gather(labels_all, idx))
+        if alternate is not None:
+            images = alternate(images, epoch)
+        batch_key = tf.random.experimental.stateless_fold_in(
+            tf.random.experimental.stateless_fold_in(seed_key + [0, 1], epoch), index)
+
+        def randomize():
+            out = images if augment is None else augment(images, training=True)
+            batch = {"images": out, "labels": labels}
+            for layer in mix or []:
                 batch = layer(batch, training=True)
             return batch["images"], batch["labels"]
 
-        ds = ds.map(mix_batch, num_parallel_calls=tf.data.AUTOTUNE)
+        return _call_seeded(random_layers, batch_key, randomize) if random_layers else (images, labels)
+
+    ds = tf.data.Dataset.from_tensors(0).map(lambda _: clock.start_epoch()).flat_map(epoch_batches)
+    ds = ds.map(load_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
     return ds.prefetch(tf.data.AUTOTUNE)

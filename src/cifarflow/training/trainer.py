@@ -278,17 +278,21 @@ def training_data(config: TrainConfig, x: np.ndarray, y: np.ndarray, num_classes
     Returns:
         ``(dataset, callbacks)``: :func:`cifarflow.data.pipeline.make_dataset` of
         ``x`` (uint8 (N, 32, 32, 3)) and ``y`` with the recipe's augmentation and
-        mixing, shuffled with its seed; with ``flip="alternate"`` the images are
-        first mirrored by a :class:`~cifarflow.data.pipeline.AlternatingFlip`, which
-        is then the one callback (it must see ``fit``'s epochs).
+        mixing, shuffled with its seed; ``callbacks`` is the one callback it needs,
+        its :class:`~cifarflow.data.pipeline.EpochClock` (every epoch's order and
+        augmentation are a function of the seed and ``fit``'s epoch, so a resumed
+        run sees the batches an uninterrupted one would). With ``flip="alternate"``
+        the images are first mirrored by a
+        :class:`~cifarflow.data.pipeline.AlternatingFlip`, which is then the clock.
     """
     alternate = pipeline.AlternatingFlip(config.seed) if config.flip == "alternate" else None
+    clock = alternate or pipeline.EpochClock()
     dataset = pipeline.make_dataset(
         alternate.prepare(x) if alternate else x, y, num_classes, config.batch_size, training=True, seed=config.seed,
         augment=pipeline.augmentation(config, seed=config.seed), mix=pipeline.mixing(config, seed=config.seed),
-        alternate=alternate,
+        alternate=alternate, clock=clock,
     )
-    return dataset, [alternate] if alternate else []
+    return dataset, [clock]
 
 
 def input_pipelines(config: TrainConfig, splits: Splits):
