@@ -1,81 +1,172 @@
 """kill -9 inside the checkpoint window, made deterministic by the CIFARFLOW_TEST_KILL hook, then --resume
-(issue 11 items 1 and 4): no epoch lost or logged twice, a damaged checkpoint is one line naming the previous
-good epoch, train_seconds sums the segments, and a refused resume leaves the run as it was."""
+(issue 11 items 1 to 4): no epoch lost or logged twice, a damaged checkpoint is one line naming the previous
+good epoch, a refused resume leaves the run as it was, train_seconds sums the segments, and a run killed and
+resumed (twice; also a two-phase transfer run, in its second phase and at the phase boundary) ends with exactly
+the metrics, per-epoch history and weights of the same run uninterrupted.
+
+Each uninterrupted reference run trains once per module, in this process and its own MLflow store; the killed
+segments run as `cifarflow train` subprocesses (a real SIGKILL); the refused resumes and the last segment run
+the same command in this process."""
 
 from __future__ import annotations
 
 import shutil
 
 import mlflow
+import numpy as np
 import pytest
-from clirun import assert_one_line_error, cli
+from clirun import cli
+from conftest import isolate, write_class_folders
+
+from cifarflow import config
+from cifarflow.cli import main
+from cifarflow.training.trainer import train
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--quiet", "--set", "width=0.125", "--set", "dense_units=16", "--set", "batch_size=16",
-        "--set", "val_fraction=0.25", "--set", "warmup_epochs=0"]
-EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
-                 "images_per_second")
+# cnn_small (dropout 0.2) with translation, flip, RandAugment and MixUp, 4 epochs of 3 batches
+SINGLE = ("cnn_small", {"width": 0.125, "dense_units": 16, "batch_size": 16, "val_fraction": 0.25,
+                        "warmup_epochs": 0, "mixup_alpha": 0.2, "randaugment_ops": 1, "epochs": 4})
+# a transfer recipe: head 1 epoch (Adam), then fine_tune 2 epochs (SGD, top half of the backbone unfrozen)
+TWO_PHASE = ("mobilenetv2", {"weights": "none", "resolution": 32, "alpha": 0.35, "batch_size": 16,
+                             "val_fraction": 0.25, "crop_padding": 2, "mixup_alpha": 0.2, "head_epochs": 1,
+                             "fine_tune_epochs": 2, "fine_tune_fraction": 0.5, "epochs": 3})
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+FINAL_METRICS = ("test_accuracy", "test_loss", "nll", "best_val_accuracy")
 
 
-def killed_run(data, kill: str, epochs: int = 3, recipe: str = "cnn_small") -> str:
-    """Train until the hook SIGKILLs the process; returns the id of the run it left behind."""
-    proc = cli("train", recipe, "--data", data, "--epochs", epochs, *TINY, env={"CIFARFLOW_TEST_KILL": kill})
-    assert proc.returncode == -9, proc.stderr[-3000:]
-    (run,) = mlflow.search_runs(experiment_names=[f"cifarflow/{recipe}"], output_format="list")
-    return run.info.run_id
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """3 classes, 16 training and 4 test images each (36 train / 12 validation after the split)."""
+    root = tmp_path_factory.mktemp("data")
+    write_class_folders(root, per_class=(16, 4))
+    return root
+
+
+def recipe_config(recipe, data_dir):
+    name, overrides = recipe
+    return config.resolve(name, {**overrides, "data": str(data_dir)})
+
+
+def cli_args(recipe, data_dir):
+    name, overrides = recipe
+    sets = [a for k, v in overrides.items() if k != "epochs" for a in ("--set", f"{k}={v}")]
+    return [name, "--data", data_dir, "--epochs", overrides["epochs"], "--quiet", *sets]
+
+
+def outcome(run_id: str, model_uri: str) -> dict:
+    """What must not depend on kills: final metrics, every per-epoch value, phase tags, final weights."""
+    client = mlflow.tracking.MlflowClient()
+    run = client.get_run(run_id)
+    history = {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+               for key in (*EPOCH_METRICS, "phase")}
+    weights = mlflow.keras.load_model(model_uri).get_weights()
+    return {"metrics": {k: run.data.metrics[k] for k in FINAL_METRICS}, "history": history, "weights": weights,
+            "tags": {k: v for k, v in run.data.tags.items() if k in ("cifarflow.phase", "cifarflow.phase_epochs")}}
+
+
+def assert_same_run(resumed: dict, reference: dict) -> None:
+    assert resumed["metrics"] == reference["metrics"]  # exactly, not approximately
+    assert resumed["history"] == reference["history"]  # every epoch once, with the same values
+    assert resumed["tags"] == reference["tags"]
+    assert len(resumed["weights"]) == len(reference["weights"])
+    for a, b in zip(resumed["weights"], reference["weights"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def uninterrupted(recipe, data_dir, root) -> dict:
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(mp, root)
+        result = train(recipe_config(recipe, data_dir), quiet=True)
+        return outcome(result.run_id, result.model_uri)
+
+
+@pytest.fixture(scope="module")
+def single_reference(data, tmp_path_factory):
+    return uninterrupted(SINGLE, data, tmp_path_factory.mktemp("single_reference"))
+
+
+@pytest.fixture(scope="module")
+def two_phase_reference(data, tmp_path_factory):
+    return uninterrupted(TWO_PHASE, data, tmp_path_factory.mktemp("two_phase_reference"))
 
 
 def steps(run_id, key):
     return sorted(m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, key))
 
 
-def resume(data, run_id, epochs=3, recipe="cnn_small"):
-    return cli("train", recipe, "--data", data, "--epochs", epochs, *TINY, "--resume", run_id)
+def killed(recipe, data_dir, kill: str, resume: str | None = None) -> str:
+    """`cifarflow train` (with ``--resume``) until the hook SIGKILLs it; returns the run id."""
+    proc = cli("train", *cli_args(recipe, data_dir), *(["--resume", resume] if resume else []),
+               env={"CIFARFLOW_TEST_KILL": kill})
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    if resume:
+        return resume
+    (run,) = mlflow.search_runs(experiment_names=[f"cifarflow/{recipe[0]}"], output_format="list")
+    return run.info.run_id
 
 
-def test_killed_with_half_a_checkpoint_written_it_resumes_from_the_last_durable_epoch(train_data):
-    run_id = killed_run(train_data, "partial:1")
-    assert steps(run_id, "val_accuracy") == [0]  # epoch 1 was not logged: its checkpoint never became durable
-    proc = resume(train_data, run_id)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = mlflow.tracking.MlflowClient().get_run(run_id)
-    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
-    for key in EPOCH_METRICS:
-        assert steps(run_id, key) == [0, 1, 2], key  # every epoch once, none lost, none twice
+def one_line_error(capsys, argv, *fragments) -> str:
+    """`cifarflow <argv>` run in this process exits 2 with one stderr line holding every fragment; returns it."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err[-3000:]
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+    return err
 
 
-def test_killed_after_the_checkpoint_before_the_log_no_epoch_is_lost_and_damage_is_one_line(train_data, tmp_path):
-    run_id = killed_run(train_data, "durable:1")
-    assert steps(run_id, "val_accuracy") == [0]  # epoch 1 durable on disk, its MLflow log never happened
-    backup = tmp_path / "checkpoints" / run_id / "backup"
-    current = backup / "epoch-1.weights.h5"
-    saved = tmp_path / "saved.weights.h5"
-    shutil.copyfile(current, saved)
-    current.write_bytes(current.read_bytes()[:1000])  # damaged behind our back (disk, a copy gone wrong)
-    line = assert_one_line_error(resume(train_data, run_id), "checkpoint of epoch 1", "is damaged",
-                                 "previous good checkpoint is epoch 0")
-    assert "Traceback" not in line
-    shutil.copyfile(saved, current)
-    proc = resume(train_data, run_id)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_killed_twice_with_a_damaged_checkpoint_and_a_refused_resume_it_ends_as_if_never_killed(
+        data, single_reference, tmp_path, capsys):
     client = mlflow.tracking.MlflowClient()
-    for key in EPOCH_METRICS:
-        assert steps(run_id, key) == [0, 1, 2], key  # epoch 1's metrics came from its checkpoint
-    run = client.get_run(run_id)
-    epoch_seconds = sum(m.value for m in client.get_metric_history(run_id, "epoch_seconds"))
-    assert run.data.metrics["train_seconds"] >= 0.99 * epoch_seconds  # both segments, not only the last
+    # 1. killed with half of epoch 1's checkpoint written: epoch 1 is not logged, its checkpoint never became durable
+    run_id = killed(SINGLE, data, "partial:1")
+    assert steps(run_id, "val_accuracy") == [0]
 
-
-def test_a_refused_resume_writes_nothing(train_data):
-    run_id = killed_run(train_data, "durable:0", epochs=2)
-    client = mlflow.tracking.MlflowClient()
+    # 2. a resume with another recipe is refused before anything is written
     before = client.get_run(run_id)
-    proc = cli("train", "simple5", "--data", train_data, "--epochs", 2, "--quiet", "--set", "batch_size=16",
-               "--set", "val_fraction=0.25", "--resume", run_id)
-    assert_one_line_error(proc, f"run {run_id} was logged with other settings", "cifarflow.recipe: cnn_small -> simple5")
+    one_line_error(capsys, ["train", "simple5", "--data", data, "--epochs", 4, "--quiet", "--set", "batch_size=16",
+                            "--set", "val_fraction=0.25", "--resume", run_id],
+                   f"run {run_id} was logged with other settings", "cifarflow.recipe: cnn_small -> simple5")
     after = client.get_run(run_id)
     assert after.info.status == before.info.status and after.info.end_time == before.info.end_time
     assert after.data.tags == before.data.tags and after.data.params == before.data.params
     assert after.data.metrics == before.data.metrics
-    assert resume(train_data, run_id, epochs=2).returncode == 0  # and it still resumes with its own settings
+
+    # 3. resumed, killed again after epoch 2's checkpoint, before its MLflow log
+    killed(SINGLE, data, "durable:2", resume=run_id)
+    assert steps(run_id, "val_accuracy") == [0, 1]
+
+    # 4. epoch 2's checkpoint damaged behind our back: one line naming the previous good epoch
+    current = tmp_path / "checkpoints" / run_id / "backup" / "epoch-2.weights.h5"
+    saved = tmp_path / "saved.weights.h5"
+    shutil.copyfile(current, saved)
+    current.write_bytes(current.read_bytes()[:1000])
+    one_line_error(capsys, ["train", *cli_args(SINGLE, data), "--resume", run_id],
+                   "checkpoint of epoch 2", "is damaged", "previous good checkpoint is epoch 1")
+
+    # 5. repaired, resumed to the end (in this process): the run the uninterrupted one was
+    shutil.copyfile(saved, current)
+    result = train(recipe_config(SINGLE, data), quiet=True, resume=run_id)
+    assert result.run_id == run_id and client.get_run(run_id).info.status == "FINISHED"
+    for key in (*EPOCH_METRICS, "epoch_seconds", "images_per_second"):
+        assert steps(run_id, key) == [0, 1, 2, 3], key  # epoch 2's metrics came from its checkpoint
+    assert_same_run(outcome(run_id, result.model_uri), single_reference)
+    epoch_seconds = sum(m.value for m in client.get_metric_history(run_id, "epoch_seconds"))
+    assert result.metrics["train_seconds"] >= 0.99 * epoch_seconds  # all three segments, not only the last
+
+
+def test_a_two_phase_run_killed_at_the_phase_boundary_and_in_its_second_phase_ends_as_if_never_killed(
+        data, two_phase_reference):
+    assert two_phase_reference["tags"] == {"cifarflow.phase": "fine_tune",
+                                           "cifarflow.phase_epochs": "head:0-0,fine_tune:1-2"}
+    assert two_phase_reference["history"]["phase"] == [(0, 1.0), (1, 2.0), (2, 2.0)]
+    run_id = killed(TWO_PHASE, data, "durable:0")  # the head phase's last checkpoint durable, not logged
+    assert steps(run_id, "val_accuracy") == []
+    killed(TWO_PHASE, data, "durable:1", resume=run_id)  # fine_tune's first epoch durable, not logged
+    assert steps(run_id, "val_accuracy") == [0]
+    result = train(recipe_config(TWO_PHASE, data), quiet=True, resume=run_id)
+    assert steps(run_id, "trainable_param_count") == [0, 1]  # once per phase, not again on resume
+    assert_same_run(outcome(run_id, result.model_uri), two_phase_reference)

@@ -39,8 +39,8 @@ def _kinds(callbacks):
 
 def test_default_callbacks(tmp_path):
     cbs = make_callbacks(config.resolve("cnn"), train_images=10, checkpoint_dir=tmp_path, has_validation=True)
-    assert _kinds(cbs) == ["DurableBackup", "AtomicModelCheckpoint", "EpochLogger"]  # logged once durable
-    ckpt = cbs[1]
+    assert _kinds(cbs) == ["AtomicModelCheckpoint", "DurableBackup", "EpochLogger"]  # logged once durable
+    ckpt = cbs[0]
     assert ckpt.monitor == "val_accuracy" and ckpt.save_best_only
 
 
@@ -52,13 +52,16 @@ def test_early_stopping_and_reduce_lr_on_plateau(tmp_path):
     assert by_kind["EarlyStopping"].patience == 4 and by_kind["EarlyStopping"].monitor == "val_accuracy"
     assert by_kind["ReduceLROnPlateau"].patience == 2 and by_kind["ReduceLROnPlateau"].factor == 0.2
     assert by_kind["AtomicModelCheckpoint"].best == 0.7  # a resumed run keeps its best checkpoint
+    # the checkpoint keeps the counters of the callbacks before it (their decision on the epoch included)
+    assert _kinds(cbs) == ["EarlyStopping", "ReduceLROnPlateau", "AtomicModelCheckpoint", "DurableBackup", "EpochLogger"]
+    assert by_kind["DurableBackup"].stateful == cbs[:2]
 
 
 def test_without_validation_no_checkpoint_and_plateau_watches_training_loss(tmp_path):
     cfg = config.resolve("cnn", {"val_fraction": 0, "reduce_lr_patience": 2, "schedule": "constant"})
     cbs = make_callbacks(cfg, train_images=10, checkpoint_dir=tmp_path, has_validation=False)
     assert "AtomicModelCheckpoint" not in _kinds(cbs)
-    assert cbs[-1].monitor == "loss"
+    assert cbs[0].monitor == "loss"
 
 
 def test_logged_lr_is_the_rate_at_the_start_of_each_epoch(train_data):
@@ -71,3 +74,27 @@ def test_logged_lr_is_the_rate_at_the_start_of_each_epoch(train_data):
     run_id = train(cfg, quiet=True).run_id
     lrs = [m.value for m in sorted(mlflow.tracking.MlflowClient().get_metric_history(run_id, "lr"), key=lambda m: m.step)]
     assert lrs[0] == pytest.approx(0.1) and 0 < lrs[1] < 0.1  # cosine: full rate first, then lower, never 0
+
+
+def test_the_checkpoint_keeps_early_stopping_counters_and_its_decision(tmp_path):
+    import json
+
+    from cifarflow.training.checkpoints import DurableBackup
+
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
+    y = np.eye(2, dtype="float32")[np.arange(16) % 2]
+
+    def fit(initial_epoch, epochs):
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss="categorical_crossentropy")  # loss stays put
+        stop = keras.callbacks.EarlyStopping(monitor="loss", patience=2)
+        model.fit(x, y, initial_epoch=initial_epoch, epochs=epochs, verbose=0,
+                  callbacks=[stop, DurableBackup(tmp_path, stateful=[stop])])
+        return stop
+
+    first = fit(0, 5)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["epoch"] == 2 and state["stopped"]  # stopped after epoch 1, and the checkpoint knows it
+    assert state["callbacks"]["EarlyStopping"]["wait"] == first.wait == 2
+    resumed = fit(2, 2)  # on resume: restored after its own on_train_begin reset
+    assert resumed.wait == 2 and resumed.best == first.best and resumed.stopped_epoch == first.stopped_epoch

@@ -265,8 +265,3 @@ def test_phase_settings_need_a_transfer_model_and_epochs_follow_the_phases():
     cfg = config.resolve("resnet50v2", {"head_epochs": 2.0, "fine_tune_epochs": 3, "epochs": 5})
     assert cfg.epochs == 5 and cfg.two_phase
     assert config.resolve("resnet50v2", {"source_task": True, "epochs": 7}).two_phase is False
-
-
-def test_two_phase_resume_is_refused(train_data):
-    with pytest.raises(CifarflowError, match="resuming a two-phase run is not supported"):
-        train(two_phase(train_data, "mobilenetv2"), quiet=True, resume="0123")

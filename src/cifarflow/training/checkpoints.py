@@ -4,7 +4,10 @@ before the epoch it records is logged to MLflow (DESIGN.md, "Backends and durabi
 Layout of ``<checkpoint_dir>/backup``: ``epoch-<e>.weights.h5`` (model and optimizer variables after
 epoch ``e``; the current and the previous one are kept) and ``state.json``, the commit point, naming the
 current file, the previous one, the epoch to start from, the epoch's per-epoch metrics (re-logged on
-resume when a kill came between the checkpoint and the MLflow log) and the training seconds so far.
+resume when a kill came between the checkpoint and the MLflow log), the training seconds so far, the states of
+the model's random seed generators (dropout and the like: not in the weights file) and the training phase
+(``phase``: the index, 1-based, of the phase the epoch belongs to; ``phase_start``: its first epoch;
+``spans``: the ``name:first-last`` epochs of the phases before it).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from cifarflow.errors import CifarflowError
 
@@ -49,6 +53,23 @@ def _write_atomically(path: Path, write) -> None:
         os.close(fd)
 
 
+# what a stateful callback must carry across a resume (set in its on_train_begin, updated per epoch)
+CALLBACK_STATE = {"EarlyStopping": ("wait", "best", "best_epoch", "stopped_epoch"),
+                  "ReduceLROnPlateau": ("wait", "best", "cooldown_counter")}
+
+
+def _plain(value):
+    """A JSON-able copy of a callback counter (NumPy scalars to Python numbers)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _seed_states(model: keras.Model) -> list:
+    """The state variables of ``model``'s random seed generators (dropout, noise, ...), in a fixed order:
+    what ``model.variables`` holds beyond the weights."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
 def read_state(backup_dir: Path) -> dict | None:
     """The committed state of ``backup_dir`` (see the module docstring), or None when there is none."""
     try:
@@ -69,17 +90,25 @@ class DurableBackup(keras.callbacks.Callback):
         epoch_metrics: callable ``(epoch, logs) -> dict`` giving the per-epoch metrics to keep with the
             checkpoint (the MLflow logger's), so that an epoch whose log was lost can be logged on resume.
         restore: restore the committed state when training begins (the first ``fit`` of a run).
+        phase: ``{"phase": index, "phase_start": first epoch, "spans": [...]}`` of the phase being fitted,
+            kept in the state (see the module docstring).
+        stateful: callbacks whose counters are kept with the checkpoint and restored (``EarlyStopping``,
+            ``ReduceLROnPlateau``); they must come before this one in ``fit``'s callbacks, so that the
+            state of an epoch includes their decision on it (``stopped``: early stopping ended the phase).
 
     Raises:
         CifarflowError: the committed weights file is missing or damaged (the message names the
             previous good epoch).
     """
 
-    def __init__(self, backup_dir: str | os.PathLike, epoch_metrics=None, restore: bool = True) -> None:
+    def __init__(self, backup_dir: str | os.PathLike, epoch_metrics=None, restore: bool = True,
+                 phase: dict | None = None, stateful: list[keras.callbacks.Callback] | None = None) -> None:
         super().__init__()
         self.backup_dir = Path(backup_dir)
         self.epoch_metrics = epoch_metrics
         self.restore = restore
+        self.phase = dict(phase or {"phase": 1, "phase_start": 0, "spans": []})
+        self.stateful = list(stateful or [])
         self._segment_start = time.perf_counter()
         self._seconds_before = 0.0
 
@@ -103,6 +132,11 @@ class DurableBackup(keras.callbacks.Callback):
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {good}",
                 f"to resume from the previous epoch, replace {self.backup_dir / STATE} by {STATE}.previous; "
                 "or start a new run") from None
+        for variable, value in zip(_seed_states(self.model), state.get("seed_states", [])):
+            variable.assign(np.asarray(value, dtype=variable.dtype))
+        for callback in self.stateful:
+            for key, value in state.get("callbacks", {}).get(type(callback).__name__, {}).items():
+                setattr(callback, key, value)
         self.model._initial_epoch = int(state["epoch"])
 
     def on_epoch_end(self, epoch, logs=None):
@@ -126,6 +160,11 @@ class DurableBackup(keras.callbacks.Callback):
             "previous": {k: old[k] for k in ("epoch", "weights")} if old else None,
             "metrics": {"step": epoch, "values": self.epoch_metrics(epoch, logs) if self.epoch_metrics else {}},
             "train_seconds": self._seconds_before + time.perf_counter() - self._segment_start,
+            "seed_states": [np.asarray(keras.ops.convert_to_numpy(v)).tolist() for v in _seed_states(self.model)],
+            **self.phase,
+            "callbacks": {type(c).__name__: {k: _plain(getattr(c, k)) for k in CALLBACK_STATE[type(c).__name__]
+                                              if hasattr(c, k)} for c in self.stateful},
+            "stopped": bool(self.model.stop_training),
         }
         if old:
             _write_atomically(self.backup_dir / (STATE + ".previous"),

@@ -119,35 +119,37 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> keras.optimizer
 
 
 def make_callbacks(config: TrainConfig, *, train_images: int, checkpoint_dir: Path, has_validation: bool,
-                   best_so_far: float | None = None, restore: bool = True) -> list[keras.callbacks.Callback]:
+                   best_so_far: float | None = None, restore: bool = True,
+                   phase: dict | None = None) -> list[keras.callbacks.Callback]:
     """The callbacks of a run, in order.
 
-    Crash-safe resume state under ``checkpoint_dir/backup``
-    (:class:`~cifarflow.training.checkpoints.DurableBackup`); with a validation split,
-    best-``val_accuracy`` weights to ``checkpoint_dir/best.weights.h5`` (above
-    ``best_so_far`` when resuming; written atomically); then MLflow per-epoch
-    logging, so that an epoch is logged only once its checkpoint is durable;
     ``EarlyStopping`` on ``val_accuracy`` when ``early_stopping_patience`` is
     set; ``ReduceLROnPlateau`` on ``val_loss`` (``loss`` without validation)
-    when ``reduce_lr_patience`` is set.
+    when ``reduce_lr_patience`` is set; with a validation split,
+    best-``val_accuracy`` weights to ``checkpoint_dir/best.weights.h5`` (above
+    ``best_so_far`` when resuming; written atomically); crash-safe resume state
+    under ``checkpoint_dir/backup``
+    (:class:`~cifarflow.training.checkpoints.DurableBackup`, which keeps the first
+    two's counters and the epoch's best file is already written when it commits);
+    then MLflow per-epoch logging, so that an epoch is logged only once its
+    checkpoint is durable. ``restore`` and ``phase`` go to the
+    :class:`~cifarflow.training.checkpoints.DurableBackup`.
     """
     logger = tracking.EpochLogger(train_images)
-    callbacks: list[keras.callbacks.Callback] = [
-        checkpoints.DurableBackup(checkpoint_dir / "backup", epoch_metrics=logger.epoch_metrics, restore=restore)]
-    if has_validation:
-        callbacks.append(checkpoints.AtomicModelCheckpoint(
-            str(checkpoint_dir / "best.weights.h5"), monitor="val_accuracy", mode="max", save_best_only=True,
-            save_weights_only=True, initial_value_threshold=best_so_far,
-        ))
-    callbacks.append(logger)
+    stateful: list[keras.callbacks.Callback] = []
     if config.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
+        stateful.append(keras.callbacks.EarlyStopping(
             monitor="val_accuracy", mode="max", patience=config.early_stopping_patience))
     if config.reduce_lr_patience:
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+        stateful.append(keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss" if has_validation else "loss",
             factor=config.reduce_lr_factor, patience=config.reduce_lr_patience))
-    return callbacks
+    best = [checkpoints.AtomicModelCheckpoint(
+        str(checkpoint_dir / "best.weights.h5"), monitor="val_accuracy", mode="max", save_best_only=True,
+        save_weights_only=True, initial_value_threshold=best_so_far)] if has_validation else []
+    backup = checkpoints.DurableBackup(checkpoint_dir / "backup", epoch_metrics=logger.epoch_metrics,
+                                       restore=restore, phase=phase, stateful=stateful)
+    return [*stateful, *best, backup, logger]
 
 
 def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int) -> None:
@@ -306,7 +308,8 @@ def input_pipelines(config: TrainConfig, splits: Splits):
 
 
 def _fit_plan(model: keras.Model, plan: TrainingPlan, config: TrainConfig, train_ds, val_ds, *, quiet: bool,
-              train_images: int, checkpoint_dir: Path, best_so_far: float | None, extra_callbacks: list) -> None:
+              train_images: int, checkpoint_dir: Path, best_so_far: float | None, extra_callbacks: list,
+              state: dict | None = None) -> None:
     """Fit ``model`` phase after phase, each compiled with its optimizer and with its own callbacks.
 
     The epoch index (the metrics' step) counts on across phases; the best
@@ -316,32 +319,54 @@ def _fit_plan(model: keras.Model, plan: TrainingPlan, config: TrainConfig, train
     (``head:0-1,fine_tune:2-4``) and a per-epoch metric ``phase`` (1, 2, ...);
     ``trainable_param_count`` (and the counts ``phase.prepare`` returns) are logged
     at each phase's first epoch.
+
+    ``state`` (a resumed run's :func:`~cifarflow.training.checkpoints.read_state`):
+    the phases before the state's phase are skipped; that phase is prepared (its
+    trainable flags and frozen BatchNorm), compiled with its optimizer and fitted
+    from the state's epoch to its end, the weights and that phase's optimizer state
+    restored when its ``fit`` begins (no epoch left at a phase boundary: only the
+    restore); the later phases follow as usual.
     """
     epoch, spans = 0, []
+    resume_phase = int(state.get("phase", 1)) if state else 0
+    if state:
+        epoch, spans = int(state.get("phase_start", 0)), list(state.get("spans", []))
+        stopped = bool(state.get("stopped"))  # early stopping had ended the state's phase
     named = len(plan.phases) > 1 or plan.phases[0].name != "train"
     steps_per_epoch = math.ceil(train_images / config.batch_size)
     plan.before_fit(model, train_ds)
+    first = True
     for index, phase in enumerate(plan.phases, start=1):
+        if index < resume_phase:
+            continue  # done before the kill: its spans come from the state
         counts = phase.prepare(model)
         compile_model(model, phase.config, steps_per_epoch)
         if named:
             mlflow.set_tag("cifarflow.phase", phase.name)
-        mlflow.log_metrics({"trainable_param_count": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
-                            **counts}, step=epoch)
+        if index != resume_phase:  # a resumed phase logged them when it began
+            mlflow.log_metrics({"trainable_param_count": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+                                **counts}, step=epoch)
         callbacks = make_callbacks(config, train_images=train_images, checkpoint_dir=checkpoint_dir,
                                    has_validation=val_ds is not None, best_so_far=best_so_far,
-                                   restore=index == 1)  # a later phase goes on from the model in memory
+                                   restore=first,  # a later phase goes on from the model in memory
+                                   phase={"phase": index, "phase_start": epoch, "spans": spans})
         callbacks += list(extra_callbacks or [])
-        fitted = model.fit(train_ds, validation_data=val_ds, initial_epoch=epoch, epochs=epoch + phase.epochs,
+        start = int(state["epoch"]) if index == resume_phase else epoch
+        stop = start if index == resume_phase and stopped else epoch + phase.epochs
+        fitted = model.fit(train_ds, validation_data=val_ds, initial_epoch=start, epochs=stop,
                            callbacks=callbacks, shuffle=False, verbose=0 if quiet else progress_verbosity())  # the dataset shuffles, seeded
-        done = fitted.epoch or [epoch - 1]
+        first = False
+        end = (fitted.epoch[-1] + 1) if fitted.epoch else start
         if named:
-            spans.append(f"{phase.name}:{done[0]}-{done[-1]}")
-            for e in fitted.epoch:
-                mlflow.log_metric("phase", index, step=e)
-        epoch = done[-1] + 1
+            spans = spans + [f"{phase.name}:{epoch}-{end - 1}"]
+            logged = {m.step for m in mlflow.tracking.MlflowClient().get_metric_history(
+                mlflow.active_run().info.run_id, "phase")}
+            for e in range(epoch, end):
+                if e not in logged:  # a resumed phase: also the epochs before the kill
+                    mlflow.log_metric("phase", index, step=e)
+        epoch = end
         best = [c.best for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)]
-        best_so_far = float(best[0]) if best and math.isfinite(best[0]) else best_so_far
+        best_so_far = float(best[0]) if best and best[0] is not None and math.isfinite(best[0]) else best_so_far
     if named:
         mlflow.set_tag("cifarflow.phase_epochs", ",".join(spans))
 
@@ -446,8 +471,10 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
     metrics, plots, reports and the model to MLflow.
 
     A killed or interrupted run keeps its state under :func:`checkpoint_root`;
-    ``resume=<run_id>`` continues it from the last finished epoch in the same
-    MLflow run.
+    ``resume=<run_id>`` continues it from the last finished epoch (and its phase)
+    in the same MLflow run, with the weights, optimizer state, schedule position,
+    seed states and data order of that epoch: on the TensorFlow CPU backend it ends
+    with the metrics the uninterrupted run would have had.
 
     Args:
         config: the resolved recipe.
@@ -470,9 +497,6 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
             Ctrl-C, naming the run id to resume.
     """
     plan = plans.plan(config)
-    if resume and len(plan.phases) > 1:
-        raise CifarflowError(f"cannot resume run {resume}: resuming a two-phase run is not supported",
-                             "start a new run (without --resume)")
     tracking.configure()
     seed_everything(config.seed)
     log.info("loading data %s", config.data)
@@ -487,17 +511,17 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
         run_id = run.info.run_id
         ckpt_dir = checkpoint_root() / run_id
         state = checkpoints.read_state(ckpt_dir / "backup") if resume else None
-        best_so_far = max(_metric_history(run_id, ["val_accuracy"])["val_accuracy"], default=None) if resume else None
         _log_inputs(config, splits, model, run_id, {**plan.tags(model), **tags})
         if state and state["metrics"]["values"]:  # killed after the checkpoint, before the epoch's MLflow log
             step = state["metrics"]["step"]
             if step not in {m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, "train_loss")}:
                 mlflow.log_metrics(state["metrics"]["values"], step=step)
+        best_so_far = max(_metric_history(run_id, ["val_accuracy"])["val_accuracy"], default=None) if resume else None
         started = time.perf_counter() - (state["train_seconds"] if state else 0.0)  # train_seconds sums segments
         with _resumable(run_id, ckpt_dir, in_active_run):
             _fit_plan(model, plan, config, train_ds, val_ds, quiet=quiet, train_images=len(splits.y_train),
                       checkpoint_dir=ckpt_dir, best_so_far=best_so_far,
-                      extra_callbacks=data_callbacks + extra_callbacks)
+                      extra_callbacks=data_callbacks + extra_callbacks, state=state)
         train_seconds = time.perf_counter() - started
         _restore_best(model, ckpt_dir / "best.weights.h5")
         plan.after_fit(model, run_id)
