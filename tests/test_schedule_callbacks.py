@@ -88,13 +88,15 @@ def test_the_checkpoint_keeps_early_stopping_counters_and_its_decision(tmp_path)
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
         model.compile(optimizer=keras.optimizers.SGD(0.0), loss="categorical_crossentropy")  # loss stays put
         stop = keras.callbacks.EarlyStopping(monitor="loss", patience=2)
-        model.fit(x, y, initial_epoch=initial_epoch, epochs=epochs, verbose=0,
+        model.fit(x, y, initial_epoch=initial_epoch, epochs=epochs, verbose=0, shuffle=False,
                   callbacks=[stop, DurableBackup(tmp_path, stateful=[stop])])
         return stop
 
-    first = fit(0, 5)
+    first = fit(0, 9)
     state = json.loads((tmp_path / "state.json").read_text())
-    assert state["epoch"] == 2 and state["stopped"]  # stopped after epoch 1, and the checkpoint knows it
-    assert state["callbacks"]["EarlyStopping"]["wait"] == first.wait == 2
-    resumed = fit(2, 2)  # on resume: restored after its own on_train_begin reset
-    assert resumed.wait == 2 and resumed.best == first.best and resumed.stopped_epoch == first.stopped_epoch
+    assert 0 < first.stopped_epoch < 8 and first.wait == 2
+    assert state["epoch"] == first.stopped_epoch + 1 and state["stopped"]  # the checkpoint knows it stopped there
+    assert state["callbacks"]["EarlyStopping"] == {"wait": 2, "best": first.best, "best_epoch": first.best_epoch,
+                                                   "stopped_epoch": first.stopped_epoch}
+    resumed = fit(state["epoch"], state["epoch"])  # on resume: restored after its own on_train_begin reset
+    assert (resumed.wait, resumed.best, resumed.stopped_epoch) == (2, first.best, first.stopped_epoch)
