@@ -2,7 +2,7 @@
 and a lookahead-style EMA of the weights; a triangular (one-cycle) learning-rate schedule.
 
 All of it runs inside the optimizer's update step with ``keras.ops`` (any backend), and
-the extra state (the EMA) is optimizer state, so checkpoints and ``BackupAndRestore``
+the extra state (the EMA) is optimizer state, so checkpoints and a resume (``DurableBackup``)
 keep it. The techniques and their constants come from airbench94 (Jordan 2024,
 arXiv 2404.00498; ``legacy/airbench94.py`` of KellerJordan/cifar10-airbench at
 f1c599c, cited as L<n>); they are generic: any recipe can set them.
