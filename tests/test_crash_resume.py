@@ -1,8 +1,9 @@
 """kill -9 inside the checkpoint window, made deterministic by the CIFARFLOW_TEST_KILL hook, then --resume
 (issue 11 items 1 to 4): no epoch lost or logged twice, a damaged checkpoint is one line naming the previous
-good epoch, a refused resume leaves the run as it was, train_seconds sums the segments, and a run killed and
-resumed (twice; also a two-phase transfer run, in its second phase and at the phase boundary) ends with exactly
-the metrics, per-epoch history and weights of the same run uninterrupted.
+good epoch, a refused resume leaves the run as it was, train_seconds sums the segments, and a killed and
+resumed run (with augmentation, RandAugment, MixUp and dropout; also a two-phase transfer run killed twice, at
+the phase boundary and in its second phase) ends with exactly the metrics, per-epoch history and weights of
+the same run uninterrupted.
 
 Each uninterrupted reference run trains once per module, in this process and its own MLflow store; the killed
 segments run as `cifarflow train` subprocesses (a real SIGKILL); the refused resumes and the last segment run
@@ -20,7 +21,7 @@ from conftest import isolate, write_class_folders
 
 from cifarflow import config
 from cifarflow.cli import main
-from cifarflow.training.trainer import train
+from cifarflow.training import trainer
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +55,26 @@ def cli_args(recipe, data_dir):
     return [name, "--data", data_dir, "--epochs", overrides["epochs"], "--quiet", *sets]
 
 
-def outcome(run_id: str, model_uri: str) -> dict:
-    """What must not depend on kills: final metrics, every per-epoch value, phase tags, final weights."""
+def finish(recipe, data_dir, resume: str | None = None) -> dict:
+    """Train (or resume) ``recipe`` to the end in this process, without logging the model; returns what must
+    not depend on kills: final metrics, every per-epoch value, phase tags, the final (best-epoch) weights."""
+    seen = {}
+    score = trainer._score_and_log
+
+    def scoring(model, *args, **kwargs):
+        seen["weights"] = model.get_weights()  # the weights scored on the test split
+        return score(model, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "_score_and_log", scoring)
+        result = trainer.train(recipe_config(recipe, data_dir), quiet=True, resume=resume, log_model=False)
     client = mlflow.tracking.MlflowClient()
-    run = client.get_run(run_id)
-    history = {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and (resume is None or result.run_id == resume)
+    history = {key: sorted((m.step, m.value) for m in client.get_metric_history(result.run_id, key))
                for key in (*EPOCH_METRICS, "phase")}
-    weights = mlflow.keras.load_model(model_uri).get_weights()
-    return {"metrics": {k: run.data.metrics[k] for k in FINAL_METRICS}, "history": history, "weights": weights,
+    return {"metrics": {k: run.data.metrics[k] for k in FINAL_METRICS}, "history": history,
+            "weights": seen["weights"], "train_seconds": run.data.metrics["train_seconds"],
             "tags": {k: v for k, v in run.data.tags.items() if k in ("cifarflow.phase", "cifarflow.phase_epochs")}}
 
 
@@ -77,8 +90,7 @@ def assert_same_run(resumed: dict, reference: dict) -> None:
 def uninterrupted(recipe, data_dir, root) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         isolate(mp, root)
-        result = train(recipe_config(recipe, data_dir), quiet=True)
-        return outcome(result.run_id, result.model_uri)
+        return finish(recipe, data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +130,12 @@ def one_line_error(capsys, argv, *fragments) -> str:
     return err
 
 
-def test_killed_twice_with_a_damaged_checkpoint_and_a_refused_resume_it_ends_as_if_never_killed(
+def test_killed_mid_checkpoint_with_a_refused_resume_and_a_damaged_checkpoint_it_ends_as_if_never_killed(
         data, single_reference, tmp_path, capsys):
     client = mlflow.tracking.MlflowClient()
-    # 1. killed with half of epoch 1's checkpoint written: epoch 1 is not logged, its checkpoint never became durable
-    run_id = killed(SINGLE, data, "partial:1")
-    assert steps(run_id, "val_accuracy") == [0]
+    # 1. killed with half of epoch 2's checkpoint written: epoch 2 is not logged, its checkpoint never became durable
+    run_id = killed(SINGLE, data, "partial:2")
+    assert steps(run_id, "val_accuracy") == [0, 1]
 
     # 2. a resume with another recipe is refused before anything is written
     before = client.get_run(run_id)
@@ -135,27 +147,20 @@ def test_killed_twice_with_a_damaged_checkpoint_and_a_refused_resume_it_ends_as_
     assert after.data.tags == before.data.tags and after.data.params == before.data.params
     assert after.data.metrics == before.data.metrics
 
-    # 3. resumed, killed again after epoch 2's checkpoint, before its MLflow log
-    killed(SINGLE, data, "durable:2", resume=run_id)
-    assert steps(run_id, "val_accuracy") == [0, 1]
-
-    # 4. epoch 2's checkpoint damaged behind our back: one line naming the previous good epoch
-    current = tmp_path / "checkpoints" / run_id / "backup" / "epoch-2.weights.h5"
+    # 3. the last durable checkpoint (epoch 1's) damaged behind our back: one line naming the previous good epoch
+    current = tmp_path / "checkpoints" / run_id / "backup" / "epoch-1.weights.h5"
     saved = tmp_path / "saved.weights.h5"
     shutil.copyfile(current, saved)
     current.write_bytes(current.read_bytes()[:1000])
     one_line_error(capsys, ["train", *cli_args(SINGLE, data), "--resume", run_id],
-                   "checkpoint of epoch 2", "is damaged", "previous good checkpoint is epoch 1")
+                   "checkpoint of epoch 1", "is damaged", "previous good checkpoint is epoch 0")
 
-    # 5. repaired, resumed to the end (in this process): the run the uninterrupted one was
+    # 4. repaired, resumed to the end (in this process): the run the uninterrupted one was
     shutil.copyfile(saved, current)
-    result = train(recipe_config(SINGLE, data), quiet=True, resume=run_id)
-    assert result.run_id == run_id and client.get_run(run_id).info.status == "FINISHED"
+    resumed = finish(SINGLE, data, resume=run_id)
     for key in (*EPOCH_METRICS, "epoch_seconds", "images_per_second"):
-        assert steps(run_id, key) == [0, 1, 2, 3], key  # epoch 2's metrics came from its checkpoint
-    assert_same_run(outcome(run_id, result.model_uri), single_reference)
-    epoch_seconds = sum(m.value for m in client.get_metric_history(run_id, "epoch_seconds"))
-    assert result.metrics["train_seconds"] >= 0.99 * epoch_seconds  # all three segments, not only the last
+        assert steps(run_id, key) == [0, 1, 2, 3], key  # every epoch once, none lost, none twice
+    assert_same_run(resumed, single_reference)
 
 
 def test_a_two_phase_run_killed_at_the_phase_boundary_and_in_its_second_phase_ends_as_if_never_killed(
@@ -167,6 +172,10 @@ def test_a_two_phase_run_killed_at_the_phase_boundary_and_in_its_second_phase_en
     assert steps(run_id, "val_accuracy") == []
     killed(TWO_PHASE, data, "durable:1", resume=run_id)  # fine_tune's first epoch durable, not logged
     assert steps(run_id, "val_accuracy") == [0]
-    result = train(recipe_config(TWO_PHASE, data), quiet=True, resume=run_id)
+    resumed = finish(TWO_PHASE, data, resume=run_id)
+    for key in (*EPOCH_METRICS, "epoch_seconds", "images_per_second"):
+        assert steps(run_id, key) == [0, 1, 2], key  # epochs 0 and 1 logged from their checkpoints, once
     assert steps(run_id, "trainable_param_count") == [0, 1]  # once per phase, not again on resume
-    assert_same_run(outcome(run_id, result.model_uri), two_phase_reference)
+    assert_same_run(resumed, two_phase_reference)
+    epoch_seconds = sum(m.value for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, "epoch_seconds"))
+    assert resumed["train_seconds"] >= 0.99 * epoch_seconds  # all three segments, not only the last
