@@ -35,6 +35,20 @@ def test_whitening_init_whitens_its_sample():
     np.testing.assert_allclose(second_moment[:12, 12:], -np.eye(12), atol=2e-3)  # second half is the negation
 
 
+def test_built_model_whitens_its_init_sample_through_the_whiten_layer():
+    # the recipe's path: build_fast + initialize_from_data on raw 0..255 pixels, then the frozen layer's outputs
+    # (before its bias and GELU) on every 2x2 patch of that sample have an identity second moment
+    x = np.clip(128 + 60 * correlated_images(n=48, size=32, seed=2), 0, 255).astype(np.float32)
+    model = build_fast(widths=(8, 8, 8), mean=list(x.mean((0, 1, 2))), std=list(x.std((0, 1, 2))))
+    initialize_from_data(model, x, eps=1e-9)
+    whiten = model.get_layer("whiten")
+    pre = keras.Model(model.inputs, whiten.output)
+    out = np.asarray(pre.predict(x, verbose=0)).reshape(-1, 24) - whiten.bias.numpy()
+    second_moment = out.T @ out / len(out)
+    np.testing.assert_allclose(second_moment[:12, :12], np.eye(12), atol=5e-3)
+    assert not whiten.kernel.trainable and whiten.bias.trainable  # frozen kernel, trained bias (airbench94 L230)
+
+
 def test_whitening_kernel_orders_filters_by_decreasing_eigenvalue():
     x = correlated_images(seed=1)
     kernel = patch_whitening_kernel(x, 2, eps=0.0)

@@ -1,0 +1,88 @@
+"""``bench/run.py --smoke`` runs every section end to end on tiny data and writes each into RESULTS.md;
+``--fast-run``/``--short-run`` read a finished run's figures from the MLflow store instead of training;
+``bench/bf16_profile.py`` parses oneDNN's verbose log."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HEADINGS = ("## Matmul peak", "## Training speed", "## Overheads", "## Export", "## Time to accuracy")
+
+
+def bench(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), *args], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=1500)
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_every_section_then_reads_runs_from_mlflow(train_data, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    proc = bench(["--data", str(train_data), "--smoke", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    for heading in HEADINGS:
+        assert heading in text, heading
+    speed = re.findall(r"^\| (fast|cnn_small) \| 16 \| (float32|mixed_bfloat16) \| (True|False) \| (\d+) \|", text, re.M)
+    assert len(speed) == 8 and all(int(row[3]) > 0 for row in speed)  # 2 recipes x 2 dtypes x XLA off/on
+    assert text.count("bfloat16 speed-up") == 2 and "XLA speed-up" in text
+    assert re.search(r"pipeline: .* = \d+\.\d{3}", text) and re.search(r"platform: .* = \d+\.\d{3}", text)
+    for runtime in ("keras (tf.function)", "onnx runtime", "litert float32", "litert int8"):
+        assert re.search(rf"^\| {re.escape(runtime)} \| \d+\.\d+ \|", text, re.M), runtime
+    run_id = re.search(r"^\| short \| 1 \| 0\.\d{4} \| 0\.\d{4} \| \d+ \| \d+ \| \d+ \| `([0-9a-f]{32})` \|", text, re.M)
+    assert run_id, text[-1500:]  # trained here (no run ids): a 1-epoch fast run, with TTA
+
+    # the same run read back from the store: its figures, its id, nothing trained
+    again = tmp_path / "AGAIN.md"
+    proc = bench(["--data", str(train_data), "--smoke", "--sections", "accuracy", "--fast-run", run_id.group(1),
+                  "--short-run", run_id.group(1), "--out", str(again)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^\| (full|short) \| 1 \| (0\.\d{4}) \| (0\.\d{4}) \| \d+ \| \d+ \| \d+ \| `(\w+)` \|",
+                      again.read_text(), re.M)
+    assert [r[0] for r in rows] == ["full", "short"] and {r[3] for r in rows} == {run_id.group(1)}
+    assert rows[0][1:3] == re.search(r"^\| short \| 1 \| (0\.\d{4}) \| (0\.\d{4})", text, re.M).groups()
+    assert "Read from the MLflow store" in again.read_text() and "## Export" not in again.read_text()
+
+
+def test_unknown_run_id_and_section_are_user_errors(tmp_path):
+    proc = bench(["--sections", "accuracy", "--fast-run", "0" * 32, "--out", str(tmp_path / "R.md")], tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "0" * 32 in proc.stderr
+    proc = bench(["--sections", "nonsense", "--out", str(tmp_path / "R.md")], tmp_path)
+    assert proc.returncode == 2 and "nonsense" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bf16_profile_parses_the_verbose_log_into_kinds_layers_and_busy_time():
+    sys.path.insert(0, str(REPO / "bench"))
+    import bf16_profile as b
+
+    def line(stamp, kind, impl, prop, src, desc, ms):
+        return (f"onednn_verbose,v1,{stamp},primitive,exec,cpu,{kind},{impl},{prop},src:{src}::blocked:acdb::f0 "
+                f"dst:{src}::blocked:acdb::f0,attr-scratchpad:user,alg:x,{desc},{ms}")
+
+    conv = "mb8_ic64oc256_ih15oh15kh3sh1dh0ph1_iw15ow15kw3sw1dw0pw1"
+    log = [
+        "onednn_verbose,v1,info,oneDNN v3.7.3 (commit N/A)",
+        line(999.0, "convolution", "brg_conv_fwd:avx512_core_bf16", "forward_training", "bf16", conv, 50.0),  # before
+        line(1000.0, "convolution", "brg_conv_fwd:avx512_core_bf16", "forward_training", "bf16", conv, 4.0),
+        line(1002.0, "convolution", "jit_bf16:avx512_core_bf16", "backward_weights", "bf16", conv, 4.0),  # overlaps
+        line(1010.0, "reorder", "jit:uni", "undef", "bf16", "256x64x3x3", 1.0),
+        line(1030.0, "reorder", "jit:uni", "undef", "bf16", "256x64x3x3", 1.0),
+        line(2001.0, "convolution", "brg_conv_fwd:avx512_core_bf16", "forward_training", "bf16", conv, 9.0),  # after
+    ]
+    prims = b.parse(log, 1000.0, 2000.0)
+    assert [p["kind"] for p in prims] == ["convolution", "convolution", "reorder", "reorder"]
+    assert b.busy_ms(prims) == pytest.approx(6.0 + 1.0 + 1.0)  # [1000, 1006] + two reorders; the overlap once
+    marks = {"start": 1000.0, "end": 1040.0, "convs": [{"name": "block2_conv1", "ic": 64, "oc": 256, "ih": 15, "kh": 3}]}
+    s = b.summarize(prims, marks, steps=2)
+    assert s["step_ms"] == pytest.approx(20.0) and s["inside_ms"] == pytest.approx(4.0)
+    assert s["layers"] == {"block2_conv1": pytest.approx(4.0)}  # (4 + 4) ms over 2 steps
+    assert s["reorders"] == 1 and s["kinds"]["convolution backward_weights"]["impl"] == {"jit_bf16:avx512_core_bf16"}
+    assert s["kinds"]["convolution forward_training"]["dtype"] == {"bf16"}
