@@ -25,9 +25,11 @@ bfloat16/float32 speed-ups, so the logging overhead can be judged.
     python bench/bf16_profile.py --batch 256 --batch 1024 --act gelu --act gelu_tanh --act relu \\
         --set fast:widths=[128,384,384] --out bench/BF16.md   # ~15 min
 
-``--act`` swaps the activation of the ``fast`` net's GELU layers for profiling only (the
-recipe's net keeps exact GELU): ``gelu`` (exact, erf; airbench94's ``nn.GELU()``),
-``gelu_tanh`` (tanh approximation) or ``relu``.
+``--act`` changes the ``fast`` net for profiling only (the recipe's net keeps exact GELU):
+``gelu`` (exact, erf; airbench94's ``nn.GELU()``), ``gelu_tanh`` (tanh approximation),
+``relu``, or ``gelu_float32`` (exact GELU, with BatchNorm and GELU layers computing and
+passing on float32 under mixed_bfloat16: one bf16/f32 cast pair per block instead of two,
+and GELU out of Eigen's slower bfloat16 path).
 """
 
 from __future__ import annotations
@@ -66,7 +68,11 @@ def child(spec: dict) -> dict:
     x = rng.integers(0, 256, (spec["batch"], 32, 32, 3)).astype(np.uint8)
     y = rng.integers(0, 10, spec["batch"])
     model = trainer.build_and_compile(cfg, 10, x)
-    if spec["act"] != "gelu":
+    if spec["act"] == "gelu_float32":  # BatchNorm + GELU compute and output float32: one cast pair per block
+        for layer in model.layers:
+            if isinstance(layer, (keras.layers.Activation, keras.layers.BatchNormalization)) and "probs" != layer.name:
+                layer.dtype_policy = keras.DTypePolicy("float32")
+    elif spec["act"] != "gelu":
         fn = {"gelu_tanh": lambda t: keras.activations.gelu(t, approximate=True),
               "relu": keras.activations.relu}[spec["act"]]
         for layer in model.layers:
@@ -262,7 +268,9 @@ def micro(batch: int, reps: int, widths_scale: float = 1.0) -> list[tuple[str, s
 @click.option("--recipe", "recipes", multiple=True, default=("fast", "cnn_small"), show_default=True)
 @click.option("--batch", "batches", multiple=True, type=int, help="Batch sizes (default 256; 128 with --quick).")
 @click.option("--act", "acts", multiple=True, default=("gelu",), show_default=True,
-              type=click.Choice(["gelu", "gelu_tanh", "relu"]), help="Activation of fast's GELU layers (profiling only).")
+              type=click.Choice(["gelu", "gelu_tanh", "relu", "gelu_float32"]),
+              help="fast's GELU layers: exact (the recipe), tanh approximation, ReLU, or BatchNorm + GELU computed "
+                   "in float32 under mixed_bfloat16 (profiling only).")
 @click.option("--set", "sets", multiple=True, metavar="RECIPE:KEY=VALUE",
               help="Extra configuration: the recipe profiled again with this override (e.g. fast:widths=[128,384,384]).")
 @click.option("--steps", type=int, default=None, help="Timed steps (default 5; 2 with --quick).")

@@ -373,13 +373,14 @@ SECTIONS = ("peak", "speed", "overhead", "export", "accuracy")
               help="Training images per class for the fast runs trained here (a functional check; not comparable).")
 @click.option("--sections", default=",".join(SECTIONS), show_default=True,
               help="Comma-separated sections to run (of " + ", ".join(SECTIONS) + ").")
+@click.option("--no-xla", is_flag=True, help="Skip the jit_compile=True measurements (XLA compiles are slow).")
 @click.option("--bf16-profile", is_flag=True, help="Also run bench/bf16_profile.py --quick and include its report.")
 @click.option("--backends", is_flag=True, help="Also run bench/backends.py (TensorFlow vs JAX), when present.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=REPO / "bench" / "RESULTS.md",
               show_default=True)
 def main(data: str, quick: bool, smoke: bool, fast_runs: tuple[str, ...], short_runs: tuple[str, ...],
          short_epochs: int, export_recipe: str, threads: int, steps: int | None, limit: int | None, sections: str,
-         bf16_profile: bool, backends: bool, out: Path) -> None:
+         no_xla: bool, bf16_profile: bool, backends: bool, out: Path) -> None:
     """Run the benchmark and write RESULTS.md (see the module docstring)."""
     wanted = {s.strip() for s in sections.split(",") if s.strip()}
     if wanted - set(SECTIONS):
@@ -436,7 +437,7 @@ def main(data: str, quick: bool, smoke: bool, fast_runs: tuple[str, ...], short_
         speed = {}
         for recipe in ("fast", "cnn_small"):
             for precision in ("float32", "mixed_bfloat16"):
-                for jit in (False, True):
+                for jit in (False,) if no_xla else (False, True):
                     ips, flops, b = model_speed(recipe, precision, jit, steps, warmup, batch)
                     speed[recipe, precision, jit] = ips
                     gflops = 3 * flops * ips / 1e9
@@ -445,8 +446,11 @@ def main(data: str, quick: bool, smoke: bool, fast_runs: tuple[str, ...], short_
         say()
         for recipe in ("fast", "cnn_small"):
             s = lambda p, j: speed[recipe, p, j]  # noqa: E731
-            say(f"- {recipe}: bfloat16 speed-up {s('mixed_bfloat16', False) / s('float32', False):.2f}x "
-                f"(with XLA {s('mixed_bfloat16', True) / s('float32', True):.2f}x); "
+            bf16 = f"- {recipe}: bfloat16 speed-up {s('mixed_bfloat16', False) / s('float32', False):.2f}x"
+            if no_xla:
+                say(bf16 + "; XLA speed-up not measured (--no-xla)")
+                continue
+            say(f"{bf16} (with XLA {s('mixed_bfloat16', True) / s('float32', True):.2f}x); "
                 f"XLA speed-up {s('float32', True) / s('float32', False):.2f}x float32, "
                 f"{s('mixed_bfloat16', True) / s('mixed_bfloat16', False):.2f}x bfloat16")
         say()
