@@ -358,7 +358,7 @@ def main(recipes, batches, acts, sets, steps, warmup, quick, micro_only, micro_r
     say("## Summary: bfloat16 / float32")
     say()
     say("| configuration | batch | step speed-up (no log) | step speed-up (log) | convolutions speed-up | "
-        "outside-oneDNN ms f32 -> bf16 | outside share f32 -> bf16 |")
+        "no-primitive ms f32 -> bf16 | no-primitive share f32 -> bf16 |")
     say("| --- | --- | --- | --- | --- | --- | --- |")
     for label, batch, f32, bf, c32, cbf in summary:
         plain = f"{f32['plain_ms'] / bf['plain_ms']:.2f}x" if "plain_ms" in f32 else "-"

@@ -239,8 +239,9 @@ def export_speed(recipe: str, data: str, workdir: Path, *, threads: int, calls: 
 
     The recipe's model is built untrained (normalization from the training images) and
     exported here with :mod:`cifarflow.deploy.export` (ONNX; LiteRT float32 and full-integer
-    int8 calibrated on 200 training images): speed does not depend on the weights. Every
-    runtime gets ``threads`` intra-op threads and the same test images.
+    int8 calibrated on 200 training images): speed does not depend on the weights. ONNX
+    Runtime and LiteRT get ``threads`` intra-op threads, Keras TensorFlow's default (every
+    core; it cannot be changed once TensorFlow has run); all the same test images.
 
     Returns:
         ``(rows, param_count)``; a row: ``runtime``, ``median_ms`` and ``p90_ms`` (batch 1),
@@ -264,8 +265,6 @@ def export_speed(recipe: str, data: str, workdir: Path, *, threads: int, calls: 
     onnx_path = export.to_onnx(model, workdir / "model.onnx")
     tflite = export.to_tflite(model, workdir, ["none", "int8"], trainer.sample_images(ds.x_train, 200, cfg.seed))
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
     reps = -(-batch // len(ds.x_test))
     big = np.concatenate([ds.x_test] * reps)[:batch].astype(np.float32)
     ones = [big[i:i + 1] for i in range(min(len(big), 200))]
@@ -367,7 +366,8 @@ SECTIONS = ("peak", "speed", "overhead", "export", "accuracy")
               help="A finished short `fast` run (an epochs override) to report instead of training one (repeatable).")
 @click.option("--short-epochs", default=4, show_default=True, help="Epochs of the short fast variant when trained here.")
 @click.option("--export-recipe", default="cnn", show_default=True, help="Recipe of the CNN baseline timed for export.")
-@click.option("--threads", default=os.cpu_count() or 1, show_default=True, help="Intra-op threads of every runtime (export).")
+@click.option("--threads", default=os.cpu_count() or 1, show_default=True,
+              help="Threads of ONNX Runtime and LiteRT (export; Keras uses TensorFlow's default, every core).")
 @click.option("--steps", type=int, default=None, help="Timed steps per speed measurement (default: 3 quick, 12 full).")
 @click.option("--limit", type=int, default=None,
               help="Training images per class for the fast runs trained here (a functional check; not comparable).")
@@ -399,7 +399,7 @@ def main(data: str, quick: bool, smoke: bool, fast_runs: tuple[str, ...], short_
     mode = " --smoke" if smoke else " --quick" if quick else ""
     batch = 16 if smoke else None  # the recipes' own batch sizes unless --smoke
     steps = steps or (1 if smoke else 3 if quick else 12)
-    warmup = 1 if smoke or quick else 2
+    warmup = 1 if smoke else 2
     info = machine()
     say(f"# Benchmark results (`bench/run.py{mode}`)")
     say()
@@ -480,7 +480,8 @@ def main(data: str, quick: bool, smoke: bool, fast_runs: tuple[str, ...], short_
         say(f"## Export: Keras vs ONNX Runtime vs LiteRT (`{export_recipe}`, {params:,} params)")
         say()
         say(f"Untrained `{export_recipe}` model exported by this run (speed does not depend on the weights; "
-            f"int8 calibrated on 200 training images), {threads} intra-op threads each; batch 1: {calls} timed calls "
+            f"int8 calibrated on 200 training images); ONNX Runtime and LiteRT {threads} threads, Keras TensorFlow's "
+            f"default ({os.cpu_count()} cores); batch 1: {calls} timed calls "
             f"of single test images; batch {b}: median of repeated calls.")
         say()
         keras_row = rows[0]
@@ -501,12 +502,7 @@ def main(data: str, quick: bool, smoke: bool, fast_runs: tuple[str, ...], short_
         say()
         trained = not (fast_runs or short_runs)
         if trained:
-            if smoke:
-                plan = [("short", 1)]
-            elif quick:
-                plan = [("short", 1)]
-            else:
-                plan = [("full", None), ("short", short_epochs)]
+            plan = [("short", 1)] if smoke or quick else [("full", None), ("short", short_epochs)]
             runs = [(name, train_fast(data, epochs, limit if not smoke else limit or 8)) for name, epochs in plan]
             say("Trained by this run (no `--fast-run`/`--short-run` given).")
         else:
