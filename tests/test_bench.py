@@ -86,3 +86,17 @@ def test_bf16_profile_parses_the_verbose_log_into_kinds_layers_and_busy_time():
     assert s["layers"] == {"block2_conv1": pytest.approx(4.0)}  # (4 + 4) ms over 2 steps
     assert s["reorders"] == 1 and s["kinds"]["convolution backward_weights"]["impl"] == {"jit_bf16:avx512_core_bf16"}
     assert s["kinds"]["convolution forward_training"]["dtype"] == {"bf16"}
+
+
+@pytest.mark.slow
+def test_backends_bench_prints_both_backends_and_their_ratio(train_data, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "backends.py"), "--data", str(train_data), "--smoke",
+                           "--recipes", "cnn_small"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = re.search(r"^\| cnn_small \| 16 \| \w+ \| (\d+) \| (\d+) \| ([\d.]+) \| (\d+) \| (\d+) \| ([\d.]+) \|$",
+                    proc.stdout, re.M)
+    assert row, proc.stdout
+    tf_model, jax_model, ratio = int(row[1]), int(row[2]), float(row[3])
+    assert tf_model > 0 and jax_model > 0 and ratio == pytest.approx(jax_model / tf_model, abs=0.02 + 1 / tf_model)
+    assert re.search(r"TensorFlow 2\.\d+\.\d+, JAX 0\.\d+\.\d+\.", proc.stdout)

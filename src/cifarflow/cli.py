@@ -13,7 +13,7 @@ import click  # noqa: E402
 
 from cifarflow.errors import CifarflowError  # noqa: E402
 from cifarflow.evaluation.metrics import TTA_MODES  # noqa: E402
-from cifarflow.serving import import_tensorflow_quietly  # noqa: E402
+from cifarflow.serving import import_tensorflow_quietly, require_backend  # noqa: E402
 
 
 def _recipe_descriptions() -> dict[str, str]:
@@ -135,6 +135,7 @@ COMPLETION = """Shell completion of commands, options and recipe names (add to ~
 def cli(ctx: click.Context) -> None:
     """cifarflow: MLflow-tracked CIFAR-10 experiments."""
     if ctx.invoked_subcommand not in WITHOUT_TENSORFLOW and not ctx.meta["cifarflow.help"]:
+        require_backend()
         import_tensorflow_quietly()
 
 

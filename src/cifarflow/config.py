@@ -94,6 +94,9 @@ class TrainConfig(pydantic.BaseModel):
     # evaluation and numerics
     tta: Literal["none", "flip", "multiview"] = "none"  # multiview: 6 views (airbench94), see predict_probs
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    # data parallelism over the devices of this machine (batch_size is the global batch; docs/backends.md):
+    # auto = data_parallel when more than one GPU/TPU is visible, else none
+    distribution: Literal["auto", "none", "data_parallel"] = "auto"
 
     # two-phase transfer learning (models with a backbone; both None: one phase of `epochs`).
     # Phase 1 trains the head, backbone frozen, with optimizer/learning_rate/schedule for

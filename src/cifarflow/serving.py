@@ -72,6 +72,43 @@ def held_stderr():
             os.close(saved)
 
 
+BACKEND_EXTRAS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}  # backend -> its module = pip extra
+
+
+def keras_backend_name() -> str:
+    """The Keras backend Keras will use, read without importing Keras: ``$KERAS_BACKEND``, else the
+    ``backend`` of ``$KERAS_HOME/keras.json`` (``~/.keras/keras.json``), else ``tensorflow``."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        import json
+
+        with open(os.path.join(home, "keras.json")) as f:
+            return str(json.load(f).get("backend") or "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
+
+
+def require_backend() -> None:
+    """Check that the library of the Keras backend in use is installed, before Keras is imported.
+
+    Raises:
+        CifarflowError: it is not (Keras would fail with a traceback deep inside its import).
+    """
+    import importlib.util
+
+    from cifarflow.errors import CifarflowError
+
+    backend = keras_backend_name()
+    module = BACKEND_EXTRAS.get(backend)
+    if module and importlib.util.find_spec(module) is None:
+        other = "set KERAS_BACKEND=jax (installed with pip install -e '.[jax]')" if backend != "jax" else \
+            "set KERAS_BACKEND=tensorflow (pip install -e '.[tensorflow]')"
+        raise CifarflowError(f"the Keras backend is {backend} but {module} is not installed",
+                             f"pip install -e '.[{module}]', or {other}")
+
+
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow with its C++ start-up lines (absl, oneDNN, CUDA probes) held back (:func:`held_stderr`).
 
@@ -80,7 +117,7 @@ def import_tensorflow_quietly() -> None:
     TensorFlow's C++ log). A no-op when TensorFlow is already imported or Keras
     runs on another backend.
     """
-    if "tensorflow" in sys.modules or os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+    if "tensorflow" in sys.modules or keras_backend_name() != "tensorflow":
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with held_stderr():

@@ -1,4 +1,9 @@
-"""Input pipeline: tf.data batches of raw pixels with Keras-layer augmentation, shuffling, prefetch."""
+"""Input pipeline: batches of raw pixels with Keras-layer augmentation, shuffling, prefetch.
+
+On the TensorFlow backend tf.data; on the others (JAX, PyTorch) :mod:`cifarflow.data.arrays`, which
+never imports TensorFlow. :func:`make_dataset` picks; the augmentation and mixing layers, the
+:class:`EpochClock` and the ``(seed, epoch, batch index)`` randomness contract are the same.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,9 @@ import_tensorflow_quietly()  # before Keras: TensorFlow's C++ start-up lines sta
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from cifarflow.config import TrainConfig
+from cifarflow.data import arrays
 
 F32 = "float32"  # input-pipeline layers compute in float32 whatever the global dtype policy
 
@@ -122,23 +127,34 @@ class EpochClock(keras.callbacks.Callback):
     run resumed with ``fit(initial_epoch=k)`` sees the batches an uninterrupted run
     sees at epoch ``k``. Without the callback each new iteration of the dataset
     counts as the next epoch (0, 1, 2, ...).
+
+    :attr:`epoch` (int) is the epoch for the array pipeline of the other backends
+    (:class:`~cifarflow.data.arrays.ArrayBatches`); tf.data reads a ``tf.Variable``
+    (:meth:`variable`), made only there, so the clock itself needs no TensorFlow.
     """
 
     def __init__(self):
         super().__init__()
+        self.epoch = 0
         self._epoch = None  # a tf.Variable, made when a tf.data pipeline first needs it
 
     def variable(self):
-        """The epoch as an int64 ``tf.Variable`` (created on first use)."""
+        """The epoch as an int64 ``tf.Variable`` (created on first use; TensorFlow only)."""
         if self._epoch is None:
-            self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="pipeline_epoch")
+            import tensorflow as tf
+
+            self._epoch = tf.Variable(self.epoch, dtype=tf.int64, trainable=False, name="pipeline_epoch")
         return self._epoch
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.variable().assign(epoch)
+        self.epoch = int(epoch)
+        if self._epoch is not None:
+            self._epoch.assign(epoch)
 
-    def start_epoch(self) -> tf.Tensor:
-        """(Inside the pipeline) the epoch now starting, int64 scalar; the clock then reads one more."""
+    def start_epoch(self):
+        """(Inside the tf.data pipeline) the epoch now starting, int64 scalar tensor; the clock then reads one more."""
+        import tensorflow as tf
+
         epoch = self.variable()
         current = epoch.read_value()
         with tf.control_dependencies([current]):
@@ -170,8 +186,10 @@ class AlternatingFlip(EpochClock):
         mirror = np.random.default_rng(self.seed).random(len(x)) < 0.5
         return np.where(mirror[:, None, None, None], x[:, :, ::-1], x)
 
-    def __call__(self, images: tf.Tensor, epoch: tf.Tensor) -> tf.Tensor:
-        """A batch (B, H, W, C), mirrored when ``epoch`` is odd."""
+    def __call__(self, images, epoch):
+        """A tf.data batch (B, H, W, C), mirrored when ``epoch`` (int64 scalar tensor) is odd."""
+        import tensorflow as tf
+
         return tf.cond(epoch % 2 == 1, lambda: tf.reverse(images, axis=[2]), lambda: images)
 
 
@@ -179,10 +197,12 @@ class _BatchSeeds(keras.random.SeedGenerator):
     """A stateless stand-in for a random layer's ``SeedGenerator`` while a batch's map function is traced:
     draw ``i`` of the layer gets the seed ``fold_in(key, i)``, ``key`` being the batch's and the layer's."""
 
-    def __init__(self, key: tf.Tensor):  # no state variable: nothing to advance, nothing to race on
+    def __init__(self, key):  # no state variable: nothing to advance, nothing to race on
         self.key, self.draws = key, 0
 
     def next(self, ordered=True):
+        import tensorflow as tf
+
         self.draws += 1
         return tf.cast(tf.random.experimental.stateless_fold_in(self.key, self.draws), tf.int64)
 
@@ -197,9 +217,11 @@ def _random_layers(layers) -> list[keras.layers.Layer]:
     return found
 
 
-def _call_seeded(layers, batch_key: tf.Tensor, call):
+def _call_seeded(layers, batch_key, call):
     """``call()`` with every random layer of ``layers`` drawing its seeds from ``batch_key`` (while tracing);
     the layers' own generators are put back afterwards."""
+    import tensorflow as tf
+
     saved = []
     for i, layer in enumerate(_random_layers(layers)):
         key = tf.random.experimental.stateless_fold_in(batch_key, i * 1_000_003 + int(getattr(layer, "seed", 0) or 0))
@@ -227,8 +249,9 @@ def make_dataset(
     alternate: AlternatingFlip | None = None,
     seed: int = 42,
     clock: EpochClock | None = None,
-) -> tf.data.Dataset:
-    """Batches of ``(pixels, one_hot)`` for ``model.fit`` / ``evaluate``.
+    multiple: int = 1,
+):
+    """Batches of ``(pixels, one_hot)`` for ``model.fit`` / ``evaluate``, on the Keras backend in use.
 
     Training batches are a pure function of ``(seed, epoch, batch index)``: the
     epoch's order is a stateless shuffle keyed by ``(seed, epoch)`` and every random
@@ -253,11 +276,23 @@ def make_dataset(
         seed: seed of the order and of the augmentation draws.
         clock: the :class:`EpochClock` naming the epoch (training only); None: ``alternate``,
             else a private clock that counts the dataset's iterations.
+        multiple: (arrays only) every batch padded to a multiple of this many images with
+            zero-weight rows, as ``(images, labels, weights)``: JAX data parallelism shards each
+            batch evenly (:attr:`cifarflow.training.distribute.Placement.batch_multiple`).
+            tf.data ignores it (``tf.distribute`` splits uneven batches itself).
 
     Returns:
-        A prefetched ``tf.data.Dataset`` of float32 ``(b, H, W, 3)`` pixels on the
-        0..255 scale and float32 ``(b, num_classes)`` one-hot labels, of known cardinality.
+        Batches of float32 ``(b, H, W, 3)`` pixels on the 0..255 scale and float32
+        ``(b, num_classes)`` one-hot labels: on TensorFlow a prefetched ``tf.data.Dataset``
+        of known cardinality; on the other backends an
+        :class:`~cifarflow.data.arrays.ArrayBatches` (a ``keras.utils.PyDataset``, no TensorFlow).
     """
+    if keras.backend.backend() != "tensorflow":
+        return arrays.ArrayBatches(x, y, num_classes, batch_size, training=training, augment=augment, mix=mix,
+                                   alternate=alternate, seed=seed, clock=(clock or alternate) if training else None,
+                                   multiple=multiple)
+    import tensorflow as tf
+
     def to_float(images, labels):
         return tf.cast(images, tf.float32), tf.one_hot(labels, num_classes)
 

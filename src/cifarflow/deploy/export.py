@@ -222,6 +222,27 @@ def _log(results: list[ExportResult], parity_file: Path, name: str, version: str
     return run_id
 
 
+def require_tensorflow() -> None:
+    """ONNX (tf2onnx) and TFLite conversion trace the Keras model with TensorFlow: check it is the backend.
+
+    Raises:
+        CifarflowError: TensorFlow is not installed, or Keras runs on another backend (a model
+            trained on JAX or PyTorch exports fine from the TensorFlow backend: the weights load on any).
+    """
+    import importlib.util
+
+    import keras
+
+    if importlib.util.find_spec("tensorflow") is None:
+        raise CifarflowError("ONNX/TFLite export needs TensorFlow, which is not installed (training, evaluate "
+                             "and tune on JAX do not)", "pip install -e '.[tensorflow]' and run the export with "
+                             "KERAS_BACKEND=tensorflow")
+    if keras.backend.backend() != "tensorflow":
+        raise CifarflowError(f"ONNX/TFLite export runs on the TensorFlow Keras backend, not "
+                             f"{keras.backend.backend()}", "run the export with KERAS_BACKEND=tensorflow (the "
+                             "model trained on any backend loads there)")
+
+
 def export(model_ref: str, formats: list[str], quantize: list[str] | None = None, *, out_dir: Path | None = None,
            data: str | None = None, log: bool = True) -> tuple[list[ExportResult], str | None]:
     """Export a registered version (or a logged model) to ONNX and/or TFLite, verify parity, log the results.
@@ -249,12 +270,14 @@ def export(model_ref: str, formats: list[str], quantize: list[str] | None = None
     Raises:
         CifarflowError: unknown model, bad format/mode, data that differ from
             the run's, a failed conversion, or parity outside the tolerance
-            (the failing files are not written).
+            (the failing files are not written); TensorFlow missing or another
+            Keras backend (:func:`require_tensorflow`).
     """
     import mlflow
 
     from cifarflow.tracking import refs
 
+    require_tensorflow()
     quantize = list(quantize or ["none"])
     bad = [f for f in formats if f not in FORMATS] + [q for q in quantize if q not in QUANTIZE]
     if bad or not formats:

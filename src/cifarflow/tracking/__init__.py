@@ -368,17 +368,28 @@ def host_gpu() -> str:
     return "none"
 
 
-def run_tags(recipe: str, dataset_checksum: str) -> dict[str, str]:
-    """The ``cifarflow.*`` tags of a training run."""
-    import tensorflow as tf
+def backend_version() -> dict[str, str]:
+    """The version tag of the Keras backend's library: ``cifarflow.tf_version`` on TensorFlow,
+    ``cifarflow.jax_version`` on JAX, ``cifarflow.torch_version`` on PyTorch (imports nothing else)."""
+    backend = keras.backend.backend()
+    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend)
+    if module is None:
+        return {}
+    import importlib
 
+    return {f"cifarflow.{'tf' if backend == 'tensorflow' else backend}_version":
+            importlib.import_module(module).__version__}
+
+
+def run_tags(recipe: str, dataset_checksum: str) -> dict[str, str]:
+    """The ``cifarflow.*`` tags of a training run (the backend library's version: :func:`backend_version`)."""
     return {
         "cifarflow.recipe": recipe,
         "cifarflow.dataset_sha256": dataset_checksum,
         "cifarflow.git_commit": git_commit(),
         "cifarflow.keras_backend": keras.backend.backend(),
         "cifarflow.keras_version": keras.__version__,
-        "cifarflow.tf_version": tf.__version__,
+        **backend_version(),
         "cifarflow.host_cpu": host_cpu(),
         "cifarflow.host_gpu": host_gpu(),
     }
@@ -495,14 +506,11 @@ def model_requirements() -> list[str]:
     """pip requirements of a logged model, pinned to this environment: mlflow, keras, numpy and the backend."""
     pins = [f"mlflow=={mlflow.__version__}", f"keras=={keras.__version__}", f"numpy=={np.__version__}"]
     backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
+    pins += [f"{backend}=={version}" for version in backend_version().values()]
+    if backend == "jax":
+        import jaxlib
 
-        pins.append(f"tensorflow=={tf.__version__}")
-    elif backend == "jax":
-        import jax
-
-        pins.append(f"jax=={jax.__version__}")
+        pins.append(f"jaxlib=={jaxlib.__version__}")
     return pins
 
 

@@ -110,30 +110,34 @@ class VariableRulesMixin:
         return super()._use_weight_decay(variable)
 
     def update_step(self, gradient, variable, learning_rate):
+        # Reads go through ``.value`` (the variable's current value, also inside the JAX backend's
+        # stateless step): JAX refuses ops on a Keras variable itself (``__jax_array__``).
         index = self._get_variable_index(variable)
         multiplier = self._multiplier[index]
         until = self._frozen_after[index]
-        old = ops.copy(variable) if until is not None or self.lookahead_steps else None
+        old = ops.copy(variable.value) if until is not None or self.lookahead_steps else None
         if until is not None and self.weight_decay and super()._use_weight_decay(variable):
             lr = ops.cast(learning_rate, variable.dtype)
-            self.assign(variable, variable - variable * ops.cast(self.weight_decay, variable.dtype) * lr)
+            value = variable.value
+            self.assign(variable, value - value * ops.cast(self.weight_decay, variable.dtype) * lr)
         rate = learning_rate if multiplier is None else ops.multiply(learning_rate, multiplier)
         super().update_step(gradient, variable, rate)
         if until is not None:
-            self.assign(variable, ops.where(ops.less(self.iterations, until), variable, old))
+            self.assign(variable, ops.where(ops.less(self.iterations.value, until), variable.value, old))
         if self.lookahead_steps:
             self._lookahead_step(variable, self._lookahead[index], old)
 
     def _lookahead_step(self, variable, ema, initial):
-        step = self.iterations + 1  # steps done, this one included (airbench's current_steps)
-        ema_now = ops.where(ops.equal(self.iterations, 0), ops.cast(initial, ema.dtype), ema)  # EMA starts at w_0
+        iterations = self.iterations.value
+        step = iterations + 1  # steps done, this one included (airbench's current_steps)
+        ema_now = ops.where(ops.equal(iterations, 0), ops.cast(initial, ema.dtype), ema.value)  # EMA starts at w_0
         frac = ops.cast(step, "float32") / float(self.lookahead_total_steps)
         decay = ops.cast(self.lookahead_decay * frac**3, ema.dtype)
         sync = ops.equal(step % self.lookahead_steps, 0)
-        ema_new = ops.where(sync, decay * ema_now + (1 - decay) * ops.cast(variable, ema.dtype), ema_now)
+        ema_new = ops.where(sync, decay * ema_now + (1 - decay) * ops.cast(variable.value, ema.dtype), ema_now)
         self.assign(ema, ema_new)
         reset = ops.logical_or(sync, ops.equal(step, self.lookahead_total_steps))
-        self.assign(variable, ops.where(reset, ops.cast(ema_new, variable.dtype), variable))
+        self.assign(variable, ops.where(reset, ops.cast(ema_new, variable.dtype), variable.value))
 
     def get_config(self):
         return {**super().get_config(), "lr_multipliers": self.lr_multipliers, "freeze_after": self.freeze_after,

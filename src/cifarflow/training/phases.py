@@ -50,7 +50,9 @@ class TrainingPlan:
         return {}
 
     def before_fit(self, model: keras.Model, train_ds) -> None:
-        """Called in the run before the first phase, with the training batches (a ``tf.data.Dataset``)."""
+        """Called in the run before the first phase, with the training batches
+        (:func:`cifarflow.data.pipeline.make_dataset`: a ``tf.data.Dataset`` or an ``ArrayBatches``,
+        both with ``take(n)``)."""
 
     def after_fit(self, model: keras.Model, run_id: str) -> None:
         """Called in the run after the last phase, once the best weights are restored, before scoring."""

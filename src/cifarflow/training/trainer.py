@@ -25,7 +25,7 @@ from cifarflow.data import datasets, pipeline
 from cifarflow.errors import CifarflowError
 from cifarflow.evaluation import scoring
 from cifarflow.evaluation.metrics import TTA_VIEWS
-from cifarflow.training import checkpoints, optim, plans
+from cifarflow.training import checkpoints, distribute, optim, plans
 from cifarflow.training.phases import TrainingPlan
 
 log = logging.getLogger(__name__)  # progress lines; the CLI shows them beside the epoch lines
@@ -241,10 +241,12 @@ def train(config: TrainConfig, *, quiet: bool = False, run_name: str | None = No
     """
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(config.precision)
+    placed = contextlib.ExitStack()  # the devices' scope (cifarflow.training.distribute), also on errors
     try:
-        return _train(config, quiet=quiet, run_name=run_name, resume=resume, in_active_run=in_active_run,
+        return _train(config, placed, quiet=quiet, run_name=run_name, resume=resume, in_active_run=in_active_run,
                       extra_callbacks=extra_callbacks or [], log_model=log_model, tags=tags or {})
     finally:
+        placed.close()
         keras.config.set_dtype_policy(previous)
 
 
@@ -274,7 +276,7 @@ def load_splits(config: TrainConfig) -> Splits:
     return Splits(ds, *datasets.train_val_split(x_all, y_all, config.val_fraction, config.seed))
 
 
-def training_data(config: TrainConfig, x: np.ndarray, y: np.ndarray, num_classes: int):
+def training_data(config: TrainConfig, x: np.ndarray, y: np.ndarray, num_classes: int, multiple: int = 1):
     """The training batches of a recipe and the ``fit`` callbacks they need.
 
     Returns:
@@ -285,24 +287,27 @@ def training_data(config: TrainConfig, x: np.ndarray, y: np.ndarray, num_classes
         augmentation are a function of the seed and ``fit``'s epoch, so a resumed
         run sees the batches an uninterrupted one would). With ``flip="alternate"``
         the images are first mirrored by a
-        :class:`~cifarflow.data.pipeline.AlternatingFlip`, which is then the clock.
+        :class:`~cifarflow.data.pipeline.AlternatingFlip`, which is then the clock. ``multiple``: see
+        :func:`~cifarflow.data.pipeline.make_dataset`.
     """
     alternate = pipeline.AlternatingFlip(config.seed) if config.flip == "alternate" else None
     clock = alternate or pipeline.EpochClock()
     dataset = pipeline.make_dataset(
         alternate.prepare(x) if alternate else x, y, num_classes, config.batch_size, training=True, seed=config.seed,
         augment=pipeline.augmentation(config, seed=config.seed), mix=pipeline.mixing(config, seed=config.seed),
-        alternate=alternate, clock=clock,
+        alternate=alternate, clock=clock, multiple=multiple,
     )
     return dataset, [clock]
 
 
-def input_pipelines(config: TrainConfig, splits: Splits):
+def input_pipelines(config: TrainConfig, splits: Splits, multiple: int = 1):
     """``(train_ds, val_ds, callbacks)``: shuffled, augmented and mixed training batches and the callbacks
-    they need (:func:`training_data`); validation batches (None without a validation split)."""
+    they need (:func:`training_data`); validation batches (None without a validation split). Batches
+    padded to a ``multiple`` of images where the devices need it (:mod:`cifarflow.training.distribute`)."""
     n = splits.ds.num_classes
-    train_ds, callbacks = training_data(config, splits.x_train, splits.y_train, n)
-    val_ds = (pipeline.make_dataset(splits.x_val, splits.y_val, n, config.batch_size, training=False)
+    train_ds, callbacks = training_data(config, splits.x_train, splits.y_train, n, multiple)
+    val_ds = (pipeline.make_dataset(splits.x_val, splits.y_val, n, config.batch_size, training=False,
+                                    multiple=multiple)
               if len(splits.y_val) else None)
     return train_ds, val_ds, callbacks
 
@@ -458,8 +463,9 @@ def _score_and_log(model: keras.Model, config: TrainConfig, splits: Splits, run_
     return metrics
 
 
-def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: str | None, in_active_run: bool,
-           extra_callbacks: list, log_model: bool, tags: dict[str, str]) -> TrainResult:
+def _train(config: TrainConfig, placed: contextlib.ExitStack, *, quiet: bool, run_name: str | None,
+           resume: str | None, in_active_run: bool, extra_callbacks: list, log_model: bool,
+           tags: dict[str, str]) -> TrainResult:
     """Train ``config`` end to end and record everything in one MLflow run.
 
     Loads and splits the data (seeded, stratified validation split; the test
@@ -476,8 +482,13 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
     seed states and data order of that epoch: on the TensorFlow CPU backend it ends
     with the metrics the uninterrupted run would have had.
 
+    With ``distribution`` data parallel (:mod:`cifarflow.training.distribute`) the model is built,
+    compiled and fitted in the devices' scope, entered on ``placed`` and closed before scoring;
+    scoring and the logged model use one device.
+
     Args:
         config: the resolved recipe.
+        placed: holds the devices' scope; the caller closes it also when this raises.
         quiet: no progress bar.
         run_name: MLflow run name; :func:`cifarflow.tracking.run_name` when None (as the CLI names it).
         resume: id of an interrupted run to continue.
@@ -501,8 +512,10 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
     seed_everything(config.seed)
     log.info("loading data %s", config.data)
     splits = load_splits(config)
-    model = build_and_compile(config, splits.ds.num_classes, splits.x_train)
-    train_ds, val_ds, data_callbacks = input_pipelines(config, splits)
+    place = distribute.placement(config)
+    placed.enter_context(place.scope())  # build, compile and fit on the devices; closed before scoring
+    model = place.adapt(build_and_compile(config, splits.ds.num_classes, splits.x_train))
+    train_ds, val_ds, data_callbacks = input_pipelines(config, splits, place.batch_multiple)
 
     if resume:
         _check_resumable(config, resume, splits.ds.checksum)
@@ -511,7 +524,7 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
         run_id = run.info.run_id
         ckpt_dir = checkpoint_root() / run_id
         state = checkpoints.read_state(ckpt_dir / "backup") if resume else None
-        _log_inputs(config, splits, model, run_id, {**plan.tags(model), **tags})
+        _log_inputs(config, splits, model, run_id, {**plan.tags(model), "cifarflow.distribution": place.tag, **tags})
         if state and state["metrics"]["values"]:  # killed after the checkpoint, before the epoch's MLflow log
             step = state["metrics"]["step"]
             if step not in {m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, "train_loss")}:
@@ -524,6 +537,8 @@ def _train(config: TrainConfig, *, quiet: bool, run_name: str | None, resume: st
                       extra_callbacks=data_callbacks + extra_callbacks, state=state)
         train_seconds = time.perf_counter() - started
         _restore_best(model, ckpt_dir / "best.weights.h5")
+        placed.close()
+        model = place.single_device(model, lambda: build_and_compile(config, splits.ds.num_classes, splits.x_train))
         plan.after_fit(model, run_id)
 
         metrics = _score_and_log(model, config, splits, run_id, train_seconds)
