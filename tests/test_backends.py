@@ -277,3 +277,15 @@ def test_export_says_it_needs_tensorflow(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else real(name, *a))
     with pytest.raises(CifarflowError, match=r"needs TensorFlow, which is not installed .*pip install -e '.\[tensorflow\]'"):
         export.export("models:/m-x", ["onnx"])
+
+
+@pytest.mark.slow
+def test_fast_recipe_optimizer_rules_on_jax():
+    """The `fast` recipe's optimizer rules (per-variable learning rates, freeze_after, lookahead EMA, the
+    triangular schedule) pass their own tests on JAX too (the Keras variables are read through ``.value``,
+    which JAX's stateless step needs). The alternating-flip test overrides a TensorFlow-style train_step."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(Path(__file__).with_name("test_fast_training.py")),
+                           "-k", "not alternating_flip_flips_every_image"],
+                          capture_output=True, text=True, env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=600)
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:]

@@ -60,6 +60,12 @@ def _first_match(path: str, rules: dict) -> object | None:
     return None
 
 
+def _read(variable):
+    """The current value of a Keras variable (also inside the JAX backend's stateless step: JAX refuses
+    ops on a Keras variable itself, ``__jax_array__``); anything else (a backend variable) as it is."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
 class VariableRulesMixin:
     """Adds three per-variable behaviours to a Keras optimizer (see :class:`SGD`).
 
@@ -110,34 +116,32 @@ class VariableRulesMixin:
         return super()._use_weight_decay(variable)
 
     def update_step(self, gradient, variable, learning_rate):
-        # Reads go through ``.value`` (the variable's current value, also inside the JAX backend's
-        # stateless step): JAX refuses ops on a Keras variable itself (``__jax_array__``).
         index = self._get_variable_index(variable)
         multiplier = self._multiplier[index]
         until = self._frozen_after[index]
-        old = ops.copy(variable.value) if until is not None or self.lookahead_steps else None
+        old = ops.copy(_read(variable)) if until is not None or self.lookahead_steps else None
         if until is not None and self.weight_decay and super()._use_weight_decay(variable):
             lr = ops.cast(learning_rate, variable.dtype)
-            value = variable.value
+            value = _read(variable)
             self.assign(variable, value - value * ops.cast(self.weight_decay, variable.dtype) * lr)
         rate = learning_rate if multiplier is None else ops.multiply(learning_rate, multiplier)
         super().update_step(gradient, variable, rate)
         if until is not None:
-            self.assign(variable, ops.where(ops.less(self.iterations.value, until), variable.value, old))
+            self.assign(variable, ops.where(ops.less(_read(self.iterations), until), _read(variable), old))
         if self.lookahead_steps:
             self._lookahead_step(variable, self._lookahead[index], old)
 
     def _lookahead_step(self, variable, ema, initial):
-        iterations = self.iterations.value
+        iterations = _read(self.iterations)
         step = iterations + 1  # steps done, this one included (airbench's current_steps)
-        ema_now = ops.where(ops.equal(iterations, 0), ops.cast(initial, ema.dtype), ema.value)  # EMA starts at w_0
+        ema_now = ops.where(ops.equal(iterations, 0), ops.cast(initial, ema.dtype), _read(ema))  # EMA starts at w_0
         frac = ops.cast(step, "float32") / float(self.lookahead_total_steps)
         decay = ops.cast(self.lookahead_decay * frac**3, ema.dtype)
         sync = ops.equal(step % self.lookahead_steps, 0)
-        ema_new = ops.where(sync, decay * ema_now + (1 - decay) * ops.cast(variable.value, ema.dtype), ema_now)
+        ema_new = ops.where(sync, decay * ema_now + (1 - decay) * ops.cast(_read(variable), ema.dtype), ema_now)
         self.assign(ema, ema_new)
         reset = ops.logical_or(sync, ops.equal(step, self.lookahead_total_steps))
-        self.assign(variable, ops.where(reset, ops.cast(ema_new, variable.dtype), variable.value))
+        self.assign(variable, ops.where(reset, ops.cast(ema_new, variable.dtype), _read(variable)))
 
     def get_config(self):
         return {**super().get_config(), "lr_multipliers": self.lr_multipliers, "freeze_after": self.freeze_after,
