@@ -136,18 +136,19 @@ def test_make_dataset_picks_the_pipeline_of_the_backend():
 
 @pytest.mark.slow
 def test_train_and_evaluate_on_jax_without_tensorflow(tmp_path):
-    """`cifarflow train` then `cifarflow evaluate` and a pyfunc reload under KERAS_BACKEND=jax, in processes
-    where `import tensorflow` raises ImportError: nothing of cifarflow asks for TensorFlow."""
+    """`cifarflow train resnet20` (residual blocks, BatchNorm, MixUp, alternating flip, flip TTA) then
+    `cifarflow evaluate` and a pyfunc reload under KERAS_BACKEND=jax, in processes where `import tensorflow`
+    raises ImportError: nothing of cifarflow asks for TensorFlow."""
     import conftest
     import mlflow
 
     conftest.write_class_folders(tmp_path / "data", per_class=(16, 4))
     env = jax_env(tmp_path)
     proc = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "cifarflow"), "train", "cnn_small", "--quiet",
+        [os.path.join(os.path.dirname(sys.executable), "cifarflow"), "train", "resnet20", "--quiet",
          "--data", str(tmp_path / "data"), "--epochs", "2",
-         *[f"--set={kv}" for kv in ("batch_size=16", "width=0.125", "dense_units=16", "val_fraction=0.25",
-                                    "warmup_epochs=0", "mixup_alpha=0.2", "flip=alternate", "tta=flip")]],
+         *[f"--set={kv}" for kv in ("batch_size=16", "val_fraction=0.25", "warmup_epochs=0", "mixup_alpha=0.2",
+                                    "flip=alternate", "tta=flip")]],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     model_uri = proc.stdout.strip().rsplit("model=", 1)[1]
@@ -289,3 +290,56 @@ def test_fast_recipe_optimizer_rules_on_jax():
                            "-k", "not alternating_flip_flips_every_image"],
                           capture_output=True, text=True, env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=600)
     assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_on_localhost_train_one_run_like_one_process(tmp_path):
+    """JAX multi-process data parallelism (Keras' KERAS_DISTRIBUTION_* variables, Gloo on CPU): two
+    `cifarflow train` processes on 127.0.0.1, one CPU device each, train the run one process trains
+    alone with the same global batch; only process 0 records it."""
+    import conftest
+    import mlflow
+
+    conftest.write_class_folders(tmp_path / "data", per_class=(16, 4))
+    args = [os.path.join(os.path.dirname(sys.executable), "cifarflow"), "train", "cnn_small", "--quiet",
+            "--data", str(tmp_path / "data"), "--epochs", "2",
+            *[f"--set={kv}" for kv in ("batch_size=16", "width=0.125", "dense_units=16", "val_fraction=0.25",
+                                       "warmup_epochs=0", "mixup_alpha=0.2", "flip=alternate")]]
+    env = jax_env(tmp_path)
+    single = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    port = conftest.free_port()
+    workers = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
+        **env, "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}", "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+        "KERAS_DISTRIBUTION_PROCESS_ID": str(i)}) for i in range(2)]
+    outs = [w.communicate(timeout=600) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [o[1][-3000:] for o in outs]
+    assert outs[1][0].strip().splitlines()[-1] == "process 1 of 2: done (process 0 records the run)"  # after Gloo's
+
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 2  # the single-process run and process 0's: process 1 recorded nothing here
+    by_tag = {r.data.tags["cifarflow.distribution"]: r for r in runs}
+    one, two = by_tag["none"], by_tag["data_parallel:2:processes=2"]
+    for key in ("train_loss", "val_loss", "test_loss"):
+        assert two.data.metrics[key] == pytest.approx(one.data.metrics[key], rel=1e-3), key
+    assert two.data.metrics["test_accuracy"] == one.data.metrics["test_accuracy"]
+    assert two.data.tags["cifarflow.model_uri"].startswith("models:/m-")
+
+
+def test_several_processes_need_jax_and_addresses(monkeypatch):
+    from cifarflow.errors import CifarflowError
+    from cifarflow.training import distribute
+
+    monkeypatch.setattr(distribute, "_processes", None)
+    monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "2")
+    with pytest.raises(CifarflowError, match="needs the JAX backend, not tensorflow .*KERAS_BACKEND=jax"):
+        distribute.join_processes()
+    monkeypatch.setattr(distribute.keras.backend, "backend", lambda: "jax")
+    with pytest.raises(CifarflowError, match="without KERAS_DISTRIBUTION_JOB_ADDRESSES"):
+        distribute.join_processes()
+    monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "two")
+    with pytest.raises(CifarflowError, match="must be whole numbers"):
+        distribute.join_processes()
+    monkeypatch.delenv("KERAS_DISTRIBUTION_NUM_PROCESSES")
+    assert distribute.join_processes() == (0, 1)

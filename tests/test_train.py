@@ -151,34 +151,6 @@ def test_mixed_precision_and_flip_tta(train_data):
     assert model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0).dtype == np.float32
 
 
-@pytest.mark.slow
-def test_resnet20_trains_under_the_jax_backend(train_data):
-    """Models, augmentations (crop, flip, MixUp) and the training loop are Keras 3 only."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    script = (
-        "import json, keras\n"
-        "from cifarflow import config\n"
-        "from cifarflow.training.trainer import train\n"
-        "assert keras.backend.backend() == 'jax'\n"
-        f"cfg = config.resolve('resnet20', {{'data': {str(train_data)!r}, 'epochs': 1, 'batch_size': 16,"
-        " 'val_fraction': 0.25, 'warmup_epochs': 0, 'mixup_alpha': 0.2, 'tta': 'flip'})\n"
-        "r = train(cfg, quiet=True)\n"
-        "print(json.dumps({'run_id': r.run_id, **r.metrics}))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "KERAS_BACKEND": "jax"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    run = mlflow.tracking.MlflowClient().get_run(out["run_id"])
-    assert run.data.tags["cifarflow.keras_backend"] == "jax"
-    assert run.info.status == "FINISHED" and "test_accuracy_tta" in run.data.metrics
-    assert np.isfinite(run.data.metrics["train_loss"])
-
-
 def test_git_commit_names_the_code_checkout_from_anywhere(tmp_path, monkeypatch):
     import subprocess
 

@@ -174,6 +174,12 @@ def train(recipe, data, epochs, limit, seed, sets, skip_corrupt, resize, trust_d
                            skip_corrupt=skip_corrupt, resize=resize, trust_data=trust_data)
     config = cfg.resolve(recipe, overrides)
     result = run_training(config, quiet=quiet, run_name=tracking.run_name(config, recipe), resume=resume)
+    from cifarflow.training import distribute
+
+    index, count = distribute.processes()
+    if index:  # a run over several processes: process 0 recorded it
+        click.echo(f"process {index} of {count}: done (process 0 records the run)")
+        return
     m = result.metrics
     click.echo(f"run {result.run_id}: test_accuracy={m['test_accuracy']:.4f} test_loss={m['test_loss']:.4f} "
                f"train_seconds={m['train_seconds']:.0f} model={result.model_uri}")

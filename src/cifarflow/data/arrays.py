@@ -133,20 +133,23 @@ class ArrayBatches(keras.utils.PyDataset):
     thread (``workers=1``): Keras' threaded prefetch replays batches fetched before an epoch
     starts (the model build draws one), which would break ``(seed, epoch, index)`` order.
     With ``multiple`` > 1 (data parallelism on JAX) every batch is ``(images, labels, weights)``,
-    padded by :func:`pad_to_multiple`.
+    padded by :func:`pad_to_multiple`; with ``shard=(i, n)`` (a run over ``n`` processes) only the
+    ``i``-th of ``n`` equal parts of that global batch, which Keras assembles across the processes.
 
     Args: see :func:`cifarflow.data.pipeline.make_dataset`.
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int, *, training: bool,
                  augment: keras.layers.Layer | None = None, mix: list[keras.layers.Layer] | None = None,
-                 alternate=None, seed: int = 42, clock=None, multiple: int = 1):
+                 alternate=None, seed: int = 42, clock=None, multiple: int = 1, shard: tuple[int, int] = (0, 1)):
         super().__init__(workers=1, use_multiprocessing=False)
         if len(x) != len(y):
             raise ValueError(f"{len(x)} images but {len(y)} labels")
         self.x, self.y = x, np.asarray(y, dtype=np.int64)
         self.num_classes, self.batch_size, self.training, self.seed = num_classes, batch_size, training, seed
-        self.multiple = multiple
+        self.multiple, self.shard = multiple, shard
+        if shard[1] > 1 and multiple % shard[1]:
+            raise ValueError(f"multiple {multiple} is not a multiple of the {shard[1]} processes")
         self.alternate = alternate is not None and training
         self.clock = clock if clock is not None else _Counter()
         self._counting = clock is None
@@ -193,7 +196,12 @@ class ArrayBatches(keras.utils.PyDataset):
             seeds = batch_seeds(self.seed, self.epoch, index, len(self.augmenter.states))
             images, labels = self.augmenter(images, labels, seeds)
         if self.multiple > 1:
-            return pad_to_multiple(images, labels, self.multiple)
+            images, labels, weights = pad_to_multiple(images, labels, self.multiple)
+            index, count = self.shard
+            if count > 1:  # this process's rows of the global batch (every process makes the same batch)
+                rows = slice(index * len(weights) // count, (index + 1) * len(weights) // count)
+                return images[rows], labels[rows], weights[rows]
+            return images, labels, weights
         return images, labels
 
     def take(self, count: int):

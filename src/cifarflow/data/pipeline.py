@@ -250,6 +250,7 @@ def make_dataset(
     seed: int = 42,
     clock: EpochClock | None = None,
     multiple: int = 1,
+    shard: tuple[int, int] = (0, 1),
 ):
     """Batches of ``(pixels, one_hot)`` for ``model.fit`` / ``evaluate``, on the Keras backend in use.
 
@@ -280,6 +281,8 @@ def make_dataset(
             zero-weight rows, as ``(images, labels, weights)``: JAX data parallelism shards each
             batch evenly (:attr:`cifarflow.training.distribute.Placement.batch_multiple`).
             tf.data ignores it (``tf.distribute`` splits uneven batches itself).
+        shard: (arrays only) ``(process index, process count)`` of a run over several processes:
+            each process yields its part of every global batch (:mod:`cifarflow.training.distribute`).
 
     Returns:
         Batches of float32 ``(b, H, W, 3)`` pixels on the 0..255 scale and float32
@@ -290,7 +293,7 @@ def make_dataset(
     if keras.backend.backend() != "tensorflow":
         return arrays.ArrayBatches(x, y, num_classes, batch_size, training=training, augment=augment, mix=mix,
                                    alternate=alternate, seed=seed, clock=(clock or alternate) if training else None,
-                                   multiple=multiple)
+                                   multiple=multiple, shard=shard)
     import tensorflow as tf
 
     def to_float(images, labels):

@@ -7,12 +7,22 @@ batch. The recipe's ``batch_size`` is the global batch (each device gets ``batch
 (To grow the global batch with the device count, scale ``learning_rate`` linearly with it and keep a
 warmup, Goyal et al. 2017, arXiv 1706.02677.) JAX: ``keras.distribution.DataParallel``;
 TensorFlow: ``tf.distribute.MirroredStrategy``. ``auto`` (the default) is ``data_parallel`` when
-the backend sees more than one accelerator (GPU/TPU) and ``none`` otherwise. docs/backends.md.
+the backend sees more than one accelerator (GPU/TPU) and ``none`` otherwise.
+
+Several processes (machines), JAX only: start the same ``cifarflow train`` command in every process with
+Keras' variables ``KERAS_DISTRIBUTION_JOB_ADDRESSES`` (the coordinator's ``host:port`` first),
+``KERAS_DISTRIBUTION_NUM_PROCESSES`` and ``KERAS_DISTRIBUTION_PROCESS_ID`` (:func:`join_processes`):
+the run is data parallel over the devices of all processes, each process feeds its own slice of every
+global batch, and process 0 alone records the run (MLflow, checkpoints). docs/backends.md.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -22,13 +32,72 @@ from cifarflow.config import TrainConfig
 from cifarflow.errors import CifarflowError
 
 
+PROCESS_VARIABLES = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
+                     "KERAS_DISTRIBUTION_PROCESS_ID")
+_processes: tuple[int, int] | None = None  # (index, count) once joined
+
+
+def join_processes() -> tuple[int, int]:
+    """Join the multi-process run that Keras' environment variables describe (:data:`PROCESS_VARIABLES`),
+    once per process, before any JAX computation; ``(0, 1)`` when they name one process or none.
+
+    JAX: ``keras.distribution.initialize`` (``jax.distributed.initialize``; on CPUs the collectives
+    go through Gloo). A process other than 0 then records into a scratch MLflow store and checkpoint
+    folder of its own, deleted when it exits: process 0 records the run.
+
+    Returns:
+        ``(process index, process count)``.
+
+    Raises:
+        CifarflowError: several processes on a backend other than JAX, or a variable missing or not a number.
+    """
+    global _processes
+    if _processes is not None:
+        return _processes
+    try:
+        count = int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES") or 1)
+        index = int(os.environ.get("KERAS_DISTRIBUTION_PROCESS_ID") or 0)
+    except ValueError:
+        raise CifarflowError("KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID must be "
+                             "whole numbers", "set them as docs/backends.md shows") from None
+    if count <= 1:
+        _processes = (0, 1)
+        return _processes
+    backend = keras.backend.backend()
+    if backend != "jax":
+        raise CifarflowError(f"a training run over several processes (KERAS_DISTRIBUTION_NUM_PROCESSES={count}) "
+                             f"needs the JAX backend, not {backend}",
+                             "set KERAS_BACKEND=jax, or see docs/backends.md for TensorFlow's MultiWorkerMirroredStrategy")
+    addresses = os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES")
+    if not addresses or not 0 <= index < count:
+        raise CifarflowError(f"process {index} of {count} without KERAS_DISTRIBUTION_JOB_ADDRESSES or with an id "
+                             f"outside 0..{count - 1}", "set KERAS_DISTRIBUTION_JOB_ADDRESSES=host:port (the "
+                             "coordinator, process 0) and KERAS_DISTRIBUTION_PROCESS_ID in every process")
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices of several processes
+    keras.distribution.initialize(addresses, count, index)
+    if index != 0:
+        scratch = tempfile.mkdtemp(prefix=f"cifarflow-process{index}-")
+        atexit.register(shutil.rmtree, scratch, True)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch}/mlflow.db"
+        os.environ["CIFARFLOW_CHECKPOINTS"] = os.path.join(scratch, "checkpoints")
+    _processes = (index, count)
+    return _processes
+
+
+def processes() -> tuple[int, int]:
+    """``(index, count)`` of this process in a multi-process run (:func:`join_processes`); ``(0, 1)`` alone."""
+    return _processes or (0, 1)
+
+
 def accelerators() -> list[str]:
     """The GPUs/TPUs the Keras backend sees (names as the backend spells them); empty on a CPU-only machine."""
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
 
-        return [f"{d.platform}:{d.id}" for d in jax.devices() if d.platform != "cpu"]
+        return [f"{d.platform}:{d.id}" for d in jax.devices() if d.platform != "cpu"]  # every process's
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -69,7 +138,15 @@ class Placement:
     @property
     def tag(self) -> str:
         """The run tag ``cifarflow.distribution``: ``none`` or ``data_parallel:<devices>``."""
-        return "none" if self.kind == "none" else f"data_parallel:{len(self.devices)}"
+        if self.kind == "none":
+            return "none"
+        count = self.process[1]
+        return f"data_parallel:{len(self.devices)}" + (f":processes={count}" if count > 1 else "")
+
+    @property
+    def process(self) -> tuple[int, int]:
+        """``(index, count)`` of this process; each feeds rows ``index/count`` of every global batch."""
+        return processes()
 
     @property
     def batch_multiple(self) -> int:
@@ -85,7 +162,9 @@ class Placement:
             return
         if keras.backend.backend() == "jax":
             previous = keras.distribution.distribution()
-            keras.distribution.set_distribution(keras.distribution.DataParallel(devices=self.devices))
+            # the array pipeline feeds each process its own slice already (ArrayBatches' shard)
+            keras.distribution.set_distribution(keras.distribution.DataParallel(devices=self.devices,
+                                                                                auto_shard_dataset=False))
             try:
                 yield
             finally:
@@ -137,6 +216,17 @@ def placement(config: TrainConfig) -> Placement:
             the devices cannot share evenly on JAX.
     """
     backend = keras.backend.backend()
+    index, count = join_processes()
+    if count > 1:
+        if config.distribution == "none":
+            raise CifarflowError(f"distribution=none in a run over {count} processes",
+                                 "set distribution=data_parallel (or auto), or start one process")
+        devices = all_devices()
+        if config.batch_size % len(devices):
+            raise CifarflowError(
+                f"batch_size {config.batch_size} cannot be split evenly over {len(devices)} devices",
+                f"set batch_size to a multiple of {len(devices)} (it is the global batch)")
+        return Placement("data_parallel", devices)
     if config.distribution == "none":
         return Placement("none")
     devices = accelerators() if config.distribution == "auto" else all_devices()

@@ -276,7 +276,8 @@ def load_splits(config: TrainConfig) -> Splits:
     return Splits(ds, *datasets.train_val_split(x_all, y_all, config.val_fraction, config.seed))
 
 
-def training_data(config: TrainConfig, x: np.ndarray, y: np.ndarray, num_classes: int, multiple: int = 1):
+def training_data(config: TrainConfig, x: np.ndarray, y: np.ndarray, num_classes: int, multiple: int = 1,
+                  shard: tuple[int, int] = (0, 1)):
     """The training batches of a recipe and the ``fit`` callbacks they need.
 
     Returns:
@@ -287,27 +288,27 @@ def training_data(config: TrainConfig, x: np.ndarray, y: np.ndarray, num_classes
         augmentation are a function of the seed and ``fit``'s epoch, so a resumed
         run sees the batches an uninterrupted one would). With ``flip="alternate"``
         the images are first mirrored by a
-        :class:`~cifarflow.data.pipeline.AlternatingFlip`, which is then the clock. ``multiple``: see
-        :func:`~cifarflow.data.pipeline.make_dataset`.
+        :class:`~cifarflow.data.pipeline.AlternatingFlip`, which is then the clock. ``multiple``,
+        ``shard``: see :func:`~cifarflow.data.pipeline.make_dataset`.
     """
     alternate = pipeline.AlternatingFlip(config.seed) if config.flip == "alternate" else None
     clock = alternate or pipeline.EpochClock()
     dataset = pipeline.make_dataset(
         alternate.prepare(x) if alternate else x, y, num_classes, config.batch_size, training=True, seed=config.seed,
         augment=pipeline.augmentation(config, seed=config.seed), mix=pipeline.mixing(config, seed=config.seed),
-        alternate=alternate, clock=clock, multiple=multiple,
+        alternate=alternate, clock=clock, multiple=multiple, shard=shard,
     )
     return dataset, [clock]
 
 
-def input_pipelines(config: TrainConfig, splits: Splits, multiple: int = 1):
+def input_pipelines(config: TrainConfig, splits: Splits, multiple: int = 1, shard: tuple[int, int] = (0, 1)):
     """``(train_ds, val_ds, callbacks)``: shuffled, augmented and mixed training batches and the callbacks
     they need (:func:`training_data`); validation batches (None without a validation split). Batches
     padded to a ``multiple`` of images where the devices need it (:mod:`cifarflow.training.distribute`)."""
     n = splits.ds.num_classes
-    train_ds, callbacks = training_data(config, splits.x_train, splits.y_train, n, multiple)
+    train_ds, callbacks = training_data(config, splits.x_train, splits.y_train, n, multiple, shard)
     val_ds = (pipeline.make_dataset(splits.x_val, splits.y_val, n, config.batch_size, training=False,
-                                    multiple=multiple)
+                                    multiple=multiple, shard=shard)
               if len(splits.y_val) else None)
     return train_ds, val_ds, callbacks
 
@@ -508,6 +509,9 @@ def _train(config: TrainConfig, placed: contextlib.ExitStack, *, quiet: bool, ru
             Ctrl-C, naming the run id to resume.
     """
     plan = plans.plan(config)
+    if distribute.join_processes()[1] > 1 and resume:  # before MLflow: other processes record elsewhere
+        raise CifarflowError("--resume of a run over several processes is not supported",
+                             "resume it as one process (distribution=auto), or start a new run")
     tracking.configure()
     seed_everything(config.seed)
     log.info("loading data %s", config.data)
@@ -515,7 +519,7 @@ def _train(config: TrainConfig, placed: contextlib.ExitStack, *, quiet: bool, ru
     place = distribute.placement(config)
     placed.enter_context(place.scope())  # build, compile and fit on the devices; closed before scoring
     model = place.adapt(build_and_compile(config, splits.ds.num_classes, splits.x_train))
-    train_ds, val_ds, data_callbacks = input_pipelines(config, splits, place.batch_multiple)
+    train_ds, val_ds, data_callbacks = input_pipelines(config, splits, place.batch_multiple, place.process)
 
     if resume:
         _check_resumable(config, resume, splits.ds.checksum)
