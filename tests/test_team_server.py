@@ -11,15 +11,16 @@ import time
 import mlflow
 import optuna
 import pytest
-from clirun import CIFARFLOW, cli
+from clirun import CIFARFLOW
+from cifarflow.cli import main
 from conftest import PG_ROLE_PASSWORD, write_class_folders
-from test_tuning_workers import tune_command, wait_for
+from test_tuning_workers import TINY_SIMPLE5, tune_command, wait_for
 
 pytestmark = pytest.mark.slow
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
                  "images_per_second")
-TINY = ["--quiet", "--set", "batch_size=16", "--set", "val_fraction=0.25", "--set", "warmup_epochs=0"]
+TINY = ["--quiet", *TINY_SIMPLE5]
 
 
 def runs_of(data, experiment="cifarflow/simple5"):
@@ -32,13 +33,13 @@ def steps(client, run_id, key):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_train_and_evaluate_through_a_postgresql_backed_server(mlflow_pg_server, tmp_path):
+def test_train_and_evaluate_through_a_postgresql_backed_server(mlflow_pg_server, tmp_path, capsys):
+    """In this process (the load test below starts the commands as processes): train, then evaluate the model
+    fetched back through the server's artifact proxy."""
     data = tmp_path / "data"
-    write_class_folders(data, per_class=(24, 6))
-    proc = cli("train", "cnn_small", "--data", data, "--epochs", "2", "--set", "width=0.125",
-               "--set", "dense_units=16", *TINY)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = runs_of(data, "cifarflow/cnn_small")
+    write_class_folders(data)
+    main(["train", "simple5", "--data", str(data), "--epochs", "2", *TINY])
+    (run,) = runs_of(data)
     client = mlflow.tracking.MlflowClient()
     assert run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # proxied through the server
@@ -46,9 +47,9 @@ def test_train_and_evaluate_through_a_postgresql_backed_server(mlflow_pg_server,
     for key in EPOCH_METRICS:
         assert steps(client, run.info.run_id, key) == [0, 1]
     model_uri = run.data.tags["cifarflow.model_uri"]
-    evaluated = cli("evaluate", model_uri)  # the model comes back through the artifact proxy
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert f"{run.data.metrics['test_accuracy']:.4f}" in evaluated.stdout
+    capsys.readouterr()
+    main(["evaluate", model_uri])  # the model comes back through the artifact proxy
+    assert f"{run.data.metrics['test_accuracy']:.4f}" in capsys.readouterr().out
 
 
 def test_four_trainers_and_two_tuning_workers_at_once_one_killed_and_restarted(mlflow_pg_server, pg_database,
@@ -57,8 +58,8 @@ def test_four_trainers_and_two_tuning_workers_at_once_one_killed_and_restarted(m
     PostgreSQL; one worker is killed with SIGKILL mid-trial and started again. Afterwards every run, every
     per-epoch metric and every trial is accounted for, and nothing is left RUNNING."""
     data = tmp_path / "data"
-    write_class_folders(data, per_class=(24, 6))
-    epochs, budget = 3, 4
+    write_class_folders(data)
+    epochs, budget = 2, 4
     started = time.monotonic()
     trainers = [subprocess.Popen([CIFARFLOW, "train", "simple5", "--data", str(data), "--epochs", str(epochs),
                                   "--seed", str(seed), *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -15,13 +15,17 @@ import yaml
 from clirun import CIFARFLOW
 
 
+TINY_SIMPLE5 = ["--set", "batch_size=16", "--set", "val_fraction=0.25", "--set", "warmup_epochs=0",
+                "--set", "filters=4", "--set", "dense_units=8"]  # the smallest simple5: startup, not training, costs
+
+
 def tune_command(data, tmp_path, storage, trials, *, epochs=2, heartbeat=5, study="shared"):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"pruner": {"type": "none"}, "params": {
         "learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}}))
     return [CIFARFLOW, "tune", "simple5", "--study", study, "--trials", str(trials), "--storage", storage,
             "--space", str(space), "--data", str(data), "--heartbeat", str(heartbeat), "--epochs", str(epochs),
-            "--set", "batch_size=16", "--set", "val_fraction=0.25", "--set", "warmup_epochs=0"]
+            *TINY_SIMPLE5]
 
 
 def trial_runs() -> dict[int, mlflow.entities.Run]:
@@ -38,14 +42,14 @@ def wait_for(predicate, timeout=300, what="condition"):
             found = None
         if found:
             return found
-        time.sleep(0.3)
+        time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.slow
-def test_two_workers_hold_exactly_the_trial_budget(train_data, tmp_path):
+def test_two_workers_hold_exactly_the_trial_budget(folder_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    command = tune_command(train_data, tmp_path, storage, trials=4)
+    command = tune_command(folder_data, tmp_path, storage, trials=4, epochs=1)
     workers = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                for _ in range(2)]
     for w in workers:
@@ -58,21 +62,27 @@ def test_two_workers_hold_exactly_the_trial_budget(train_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_workers_trial_is_failed_although_the_budget_is_met_before_it_goes_stale(train_data, tmp_path):
-    """Worker A is killed mid-trial; worker B, started at once, could meet the budget well within A's grace
-    period (2 heartbeats, 20 s). B must not leave A's trial RUNNING: the trial still holds its place in the
-    budget until it goes stale; B then fails it (and its MLflow run) and runs the trial in its place."""
+def test_a_killed_workers_trial_is_failed_although_the_budget_is_met_before_it_goes_stale(folder_data, tmp_path):
+    """Worker A is killed mid-trial; worker B, started while A's trial runs, could meet the budget well within
+    A's grace period (2 heartbeats, 20 s). B must not leave A's trial RUNNING: the trial still holds its place
+    in the budget until it goes stale; B then fails it (and its MLflow run) and runs the trial in its place."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    command = tune_command(train_data, tmp_path, storage, trials=1, epochs=3, heartbeat=10)
+    command = tune_command(folder_data, tmp_path, storage, trials=1, epochs=3, heartbeat=10)
     a = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: [t for t in optuna.load_study(study_name="shared", storage=storage).trials
-                      if t.state.name == "RUNNING" and t.intermediate_values], what="A's first epoch")
+
+    def running(epochs_done: bool):
+        return [t for t in optuna.load_study(study_name="shared", storage=storage).trials
+                if t.state.name == "RUNNING" and (t.intermediate_values or not epochs_done)]
+
+    wait_for(lambda: running(False), what="A's trial")  # B starts (imports TensorFlow) while A trains
+    b = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: running(True), what="A's first epoch")
     os.killpg(a.pid, signal.SIGKILL)
     a.wait()
-    b = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert b.returncode == 0, b.stderr[-3000:]
+    out, err = b.communicate(timeout=600)
+    assert b.returncode == 0, err[-3000:]
     trials = optuna.load_study(study_name="shared", storage=storage).trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]  # was [RUNNING, COMPLETE], forever
     runs = trial_runs()
     assert runs[0].info.status == "FAILED" and runs[1].info.status == "FINISHED"
-    assert "1 complete, 0 pruned, 1 failed" in b.stdout
+    assert "1 complete, 0 pruned, 1 failed" in out
