@@ -33,6 +33,8 @@ from pathlib import Path
 import click
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from run import EpochClock  # noqa: E402
 BACKENDS = ("tensorflow", "jax")
 
 
@@ -65,20 +67,9 @@ def measure(recipe: str, data: str, limit: int, steps: int, warmup: int, batch: 
 
     train_ds, callbacks = trainer.training_data(cfg, x, y, ds.num_classes)
 
-    class Clock(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.starts: list[float] = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.starts.append(time.perf_counter())
-
-        def on_train_end(self, logs=None):
-            self.starts.append(time.perf_counter())
-
-    clock = Clock()
+    clock = EpochClock.make()  # seconds from each epoch's start to the next one's
     model.fit(train_ds, epochs=2, verbose=0, shuffle=False, callbacks=[*callbacks, clock])
-    pipeline_ips = len(y) / (clock.starts[2] - clock.starts[1])
+    pipeline_ips = len(y) / clock.seconds(1)
     return {"model": model_ips, "pipeline": pipeline_ips, "batch_size": cfg.batch_size,
             "precision": cfg.precision, "backend": keras.backend.backend(),
             "version": __import__({"tensorflow": "tensorflow", "jax": "jax"}[keras.backend.backend()]).__version__}
