@@ -43,7 +43,7 @@ def measure(recipe: str, data: str, limit: int, steps: int, warmup: int, batch: 
     import keras
     import numpy as np
 
-    from cifarflow import config
+    from cifarflow import config, tracking
     from cifarflow.data import datasets
     from cifarflow.training import trainer
 
@@ -72,7 +72,7 @@ def measure(recipe: str, data: str, limit: int, steps: int, warmup: int, batch: 
     pipeline_ips = len(y) / clock.seconds(1)
     return {"model": model_ips, "pipeline": pipeline_ips, "batch_size": cfg.batch_size,
             "precision": cfg.precision, "backend": keras.backend.backend(),
-            "version": __import__({"tensorflow": "tensorflow", "jax": "jax"}[keras.backend.backend()]).__version__}
+            "version": next(iter(tracking.backend_version().values()))}
 
 
 def run_worker(backend: str, recipe: str, args: list[str]) -> dict:

@@ -72,7 +72,7 @@ def held_stderr():
             os.close(saved)
 
 
-BACKEND_EXTRAS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}  # backend -> its module = pip extra
+BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}  # Keras backend -> its module = pip extra
 
 
 def keras_backend_name() -> str:
@@ -101,7 +101,7 @@ def require_backend() -> None:
     from cifarflow.errors import CifarflowError
 
     backend = keras_backend_name()
-    module = BACKEND_EXTRAS.get(backend)
+    module = BACKEND_MODULES.get(backend)
     if module and importlib.util.find_spec(module) is None:
         other = "set KERAS_BACKEND=jax (installed with pip install -e '.[jax]')" if backend != "jax" else \
             "set KERAS_BACKEND=tensorflow (pip install -e '.[tensorflow]')"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cifarflow.serving import import_tensorflow_quietly
+from cifarflow.serving import BACKEND_MODULES, import_tensorflow_quietly
 
 import_tensorflow_quietly()  # before Keras: TensorFlow's C++ start-up lines stay out of the terminal
 
@@ -372,7 +372,7 @@ def backend_version() -> dict[str, str]:
     """The version tag of the Keras backend's library: ``cifarflow.tf_version`` on TensorFlow,
     ``cifarflow.jax_version`` on JAX, ``cifarflow.torch_version`` on PyTorch (imports nothing else)."""
     backend = keras.backend.backend()
-    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend)
+    module = BACKEND_MODULES.get(backend)
     if module is None:
         return {}
     import importlib
