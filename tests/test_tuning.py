@@ -72,8 +72,8 @@ def pruning_space(tmp_path):
 
 def test_study_prunes_and_nests_trials_under_the_study_run(train_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = tuning.tune("simple5", "prune-me", 3, overrides={**FIXED, "data": str(train_data)}, storage=storage,
-                        space_path=str(pruning_space(tmp_path)), retrain_best=True)
+    study = tuning.tune("simple5", "prune-me", 3, overrides={**FIXED, "data": str(train_data), "limit": 40},
+                        storage=storage, space_path=str(pruning_space(tmp_path)), retrain_best=True)
     states = [t.state.name for t in study.trials]
     assert states[0] == "COMPLETE" and "PRUNED" in states and len(states) == 3
     runs = mlflow.search_runs(experiment_names=["cifarflow/simple5"], output_format="list")
@@ -100,6 +100,8 @@ def test_study_prunes_and_nests_trials_under_the_study_run(train_data, tmp_path)
     best = [r for r in runs if r.data.tags.get("cifarflow.role") == "retrain-best"]
     assert len(best) == 1 and best[0].data.tags["cifarflow.study"] == "prune-me"
     assert best[0].data.params["val_images"] == "0" and best[0].data.params["epochs"] == "30"
+    assert children[0].data.params["limit"] == "40"
+    assert best[0].data.params["limit"] == "None" and best[0].data.params["train_images"] == "72"  # all 3 x 24
     assert "test_accuracy" in best[0].data.metrics
 
     again = tuning.tune("simple5", "prune-me", 3, overrides={**FIXED, "data": str(train_data)}, storage=storage,
@@ -156,3 +158,19 @@ def test_the_transfer_search_file_is_valid_for_every_backbone(recipe):
     assert path.name == "transfer.yaml"
     assert space.params["resolution"].choices == [96, 128, 160, 224]
     assert (space.params["fine_tune_fraction"].low, space.params["fine_tune_fraction"].high) == (0.0, 0.75)
+
+
+def test_the_lite0_search_file_is_valid_and_starts_from_the_recipe():
+    """experiments/search/efficientnet_lite0.yaml: the issue's dims, and its enqueued first trial is the recipe itself."""
+    from cifarflow import config as cfg
+
+    path = tuning.find_space("efficientnet_lite0")
+    space = tuning.load_space(path, "efficientnet_lite0")
+    assert path.name == "efficientnet_lite0.yaml"
+    assert {"dropout", "fine_tune_fraction", "resolution"} <= set(space.params)
+    recipe = cfg.resolve("efficientnet_lite0", {})
+    first = space.enqueue[0]
+    assert first["resolution"] == recipe.model_params["resolution"]
+    assert first["dropout"] == recipe.model_params["dropout"]
+    assert first["fine_tune_fraction"] == recipe.fine_tune_fraction
+    assert first["fine_tune_learning_rate"] == recipe.fine_tune_learning_rate

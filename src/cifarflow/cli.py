@@ -207,7 +207,7 @@ TUNE_EXAMPLES = """Examples:
               help="Seconds between trial heartbeats; a trial silent for twice that is marked FAIL.")
 @click.option("--metric", type=click.Choice(["val_accuracy", "val_loss"]), default=None,
               help="Objective (default: the search file's); maximized for accuracy, minimized for loss.")
-@click.option("--retrain-best", is_flag=True, help="Then train the best params on train+val with the full epochs.")
+@click.option("--retrain-best", is_flag=True, help="Then train the best params on all of train+val (no --limit) with the full epochs.")
 @click.option("--data", default=None, help="Data source, as for train.")
 @click.option("--trust-data", is_flag=True, default=None, help="Unpickle a pickle-layout source without restrictions (it can run code: only data you trust).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs per trial.")

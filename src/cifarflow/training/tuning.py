@@ -459,8 +459,8 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
         quiet: no progress bars.
         heartbeat: seconds between trial heartbeats (stale after twice that).
         metric: ``val_accuracy`` or ``val_loss``, overriding the search file's.
-        retrain_best: afterwards train the best params on train+val with the
-            recipe's full epochs and evaluate on test (a normal run tagged
+        retrain_best: afterwards train the best params on train+val (all of it: not
+            ``limit``) with the recipe's full epochs and evaluate on test (a normal run tagged
             ``cifarflow.study``).
         report: called with one line per finished trial (:func:`_trial_line`), e.g. ``print``.
 
@@ -572,7 +572,8 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
             _log_plots(study, space.metric, recipe)
     if retrain_best and done:
         full = {**overrides, **study.best_params, "val_fraction": 0.0, "early_stopping_patience": None}
-        full.pop("epochs", None)
+        full.pop("epochs", None)  # the recipe's full epochs
+        full.pop("limit", None)  # and all the training images: --limit sizes the trials only
         train(cfg.resolve(recipe, full), quiet=quiet, run_name=f"{recipe}-best-of-{study_name}",
               tags={"cifarflow.study": study_name, "cifarflow.role": "retrain-best"})
     return study
