@@ -100,3 +100,18 @@ def test_backends_bench_prints_both_backends_and_their_ratio(train_data, tmp_pat
     tf_model, jax_model, ratio = int(row[1]), int(row[2]), float(row[3])
     assert tf_model > 0 and jax_model > 0 and ratio == pytest.approx(jax_model / tf_model, abs=0.02 + 1 / tf_model)
     assert re.search(r"TensorFlow 2\.\d+\.\d+, JAX 0\.\d+\.\d+\.", proc.stdout)
+
+
+def test_epoch_clock_times_an_epoch_with_and_without_what_follows_it(monkeypatch):
+    """The pipeline overhead times each fit from its epoch's start to its end (``inside``), leaving out
+    ``fit``'s set-up and tear-down; the platform overhead from one epoch's start to the next (``seconds``)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import run as bench_run
+
+    clock = bench_run.EpochClock.make()
+    ticks = iter([10.0, 12.5, 20.0, 23.0, 30.0])  # begin 0, end 0, begin 1, end 1, train end
+    monkeypatch.setattr(bench_run.time, "perf_counter", lambda: next(ticks, 99.0))
+    clock.on_epoch_begin(0), clock.on_epoch_end(0), clock.on_epoch_begin(1), clock.on_epoch_end(1)
+    clock.on_train_end()
+    assert clock.inside(0) == 2.5 and clock.seconds(0) == 10.0
+    assert clock.inside(1) == 3.0 and clock.seconds(1) == 10.0
