@@ -15,10 +15,11 @@ behind each accuracy (``bench/README.md`` says how to read it):
    achieved training GFLOP/s (forward FLOPs per image from the layers x 3 x images/s) as a
    fraction of the peak of the same dtype;
 3. ``overhead``: pipeline overhead (images/s through the real input pipeline over images/s on
-   pre-augmented cached tensors, alternating rounds, each timed from its epoch's start to its end) and platform overhead (images/s of an epoch
-   of ``cifarflow train``, MLflow logging, callbacks and checkpoints included, over a bare
-   ``model.fit`` of the same model on the same pipeline; both timed from one epoch's start to the
-   next over epochs 2-3, after an epoch of tracing, alternating rounds);
+   pre-augmented cached tensors, alternating rounds, each timed from its epoch's start to its
+   end) and platform overhead (images/s of ``cifarflow train``, MLflow logging, callbacks and
+   checkpoints included, over a bare ``model.fit`` of the same model on the same pipeline; both
+   timed from one epoch's start to the next over epochs 2-3, after an epoch of tracing,
+   alternating rounds);
 4. ``export``: batch-1 latency and batch-256 throughput of Keras (``tf.function``) vs ONNX Runtime
    vs LiteRT float32 and int8 on the CNN baseline (``--export-recipe``), exported by this run from
    an untrained model (speed does not depend on the weights), same threads for every runtime;
