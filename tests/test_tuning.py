@@ -127,10 +127,12 @@ def _space_without_pruning(tmp_path):
 @pytest.mark.slow
 def test_a_killed_study_resumes_and_its_stale_trial_run_ends_failed(train_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    command = _tune_command(train_data, _space_without_pruning(tmp_path), storage, trials=3, epochs=6)
+    # 20 epochs a trial: the second trial must still be running when a poll (0.5 s + a database read,
+    # slower on a loaded machine) sees its first epoch; with 6 it once finished between two polls
+    command = _tune_command(train_data, _space_without_pruning(tmp_path), storage, trials=3, epochs=20)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline:  # one finished trial, and the second through its first of 6 epochs
+    while time.time() < deadline:  # one finished trial, and the second through its first of 20 epochs
         time.sleep(0.5)
         try:
             trials = optuna.load_study(study_name="shared", storage=storage).trials
@@ -138,6 +140,9 @@ def test_a_killed_study_resumes_and_its_stale_trial_run_ends_failed(train_data, 
             continue
         if [t.state.name for t in trials][:2] == ["COMPLETE", "RUNNING"] and trials[1].intermediate_values:
             break
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("never saw the second trial running: the kill would not hit a trial in progress")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(3)  # the killed trial's heartbeat goes stale (grace period 2 s)
