@@ -110,4 +110,6 @@ def test_mlproject_entry_points_match_the_recipes():
             if key in ("data", "limit"):
                 continue
             default = config.parse_value(str(spec["default"]))
+            if isinstance(default, list):  # e.g. fast's widths "[64,256,256]": the recipe holds a tuple
+                default = tuple(default)
             assert default == params[key], f"{recipe}.{key}: MLproject {default!r} != recipe {params[key]!r}"
