@@ -223,8 +223,8 @@ def platform_overhead(recipe: str, data: str, limit: int, batch: int | None = No
     for ``rounds`` rounds and each arm's images/s is ``limit`` over its median epoch of all
     rounds. The median, not a sum: on the 2-core host an epoch of the same steps takes either
     about 14.6 s or about 20.5 s, the extra 6 s landing on random epochs of either arm (one
-    epoch of each arm gave ratios from 0.87 to 1.10); the platform's own work is about 0.08 s
-    per epoch (its checkpoint 0.07 s, MLflow logging 0.005 s), inside every epoch it times.
+    epoch per arm gave ratios from 0.92 to 1.10, a sum over two 0.873); the platform's own work
+    is about 0.08 s per epoch (its checkpoint 0.07 s, MLflow logging 0.005 s).
 
     Returns:
         ``(platform_images_per_second, bare_images_per_second, last_platform_run_id)``.
