@@ -133,6 +133,12 @@ def test_params_typed_on_the_command_line_match_resolved_values():
     assert tracking._same_value("5e-4", 0.0005) and tracking._same_value("2", 2.0)
     assert tracking._same_value("null", None) and tracking._same_value("true", True)
     assert not tracking._same_value("5e-4", 0.001) and not tracking._same_value("abc", 1.0)
+    # `mlflow run . -e fast -P widths=[32,128,128]` logs the text shell-quoted; the recipe holds a tuple
+    assert tracking._same_value("'[32,128,128]'", (32, 128, 128))
+    assert tracking._same_value("[32,128,128]", (32, 128, 128))
+    assert tracking._same_value("'../my data/cifar10'", "../my data/cifar10")  # a path with a space
+    assert not tracking._same_value("[32,128,128]", (64, 256, 256))
+
 
 def test_mixed_precision_and_flip_tta(train_data):
     import keras

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import platform
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -396,7 +397,15 @@ def run_tags(recipe: str, dataset_checksum: str) -> dict[str, str]:
 
 
 def _same_value(logged: str, value) -> bool:
-    if logged == str(value) or parse_value(logged) == value:
+    if logged == str(value):
+        return True
+    try:  # `mlflow run` logs a parameter shell-quoted when it needs quotes: "'[32,128,128]'"
+        words = shlex.split(logged)
+    except ValueError:
+        words = []
+    logged = words[0] if len(words) == 1 else logged
+    parsed = parse_value(logged)
+    if parsed == value or (isinstance(parsed, list) and isinstance(value, tuple) and tuple(parsed) == value):
         return True
     try:  # `mlflow run -P weight_decay=5e-4` logs "5e-4"; YAML reads that as a string
         return not isinstance(value, bool) and float(logged) == float(value)
