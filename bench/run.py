@@ -501,7 +501,7 @@ def main(data: str, quick: bool, smoke: bool, fast_runs: tuple[str, ...], short_
         say(f"- pipeline: real input pipeline {real:.0f} images/s / pre-augmented cached tensors {cached:.0f} images/s "
             f"= {real / cached:.3f} (epoch start to end, median of alternating rounds)")
         p_rounds, p_epochs = (1, 3) if smoke else (2, 5) if quick else (3, 6)
-        p_ips, bare_ips, p_run = platform_overhead("fast", data, 8 if smoke else 2048 if quick else 4096, batch,
+        p_ips, bare_ips, p_run = platform_overhead("fast", data, 8 if smoke else 4096, batch,
                                                    p_rounds, p_epochs)
         say(f"- platform: `cifarflow train` {p_ips:.0f} images/s / bare `model.fit` {bare_ips:.0f} images/s "
             f"= {p_ips / bare_ips:.3f} (median epoch of epochs 2-{p_epochs} of {p_epochs}, start to start, "
