@@ -266,7 +266,7 @@ def platform_overhead(recipe: str, data: str, limit: int, batch: int | None = No
 def median_epoch_images_per_second(images: int, clocks: list) -> float:
     """``images`` over the median of every epoch but the first (tracing) of each :class:`EpochClock` in
     ``clocks``, timed from its start to the next one's; a stalled epoch or two do not move it."""
-    return images / statistics.median(s for c in clocks for s in (c.seconds(i) for i in range(1, len(c.ends))))
+    return images / statistics.median(c.seconds(i) for c in clocks for i in range(1, len(c.starts) - 1))
 
 
 def export_speed(recipe: str, data: str, workdir: Path, *, threads: int, calls: int, warmup: int,
