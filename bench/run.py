@@ -111,7 +111,6 @@ def model_speed(recipe: str, precision: str, jit: bool, steps: int, warmup: int,
     Returns:
         ``(images_per_second, forward_flops_per_image, batch_size)``.
     """
-    import keras
     import numpy as np
     import tensorflow as tf
 
@@ -120,9 +119,7 @@ def model_speed(recipe: str, precision: str, jit: bool, steps: int, warmup: int,
     from cifarflow.training import trainer
 
     cfg = config.resolve(recipe, {"precision": precision} | ({"batch_size": batch} if batch else {}))
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(precision)
-    try:
+    with trainer.dtype_policy(precision):
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (cfg.batch_size, 32, 32, 3)).astype(np.uint8)
         y = rng.integers(0, 10, cfg.batch_size)
@@ -134,8 +131,6 @@ def model_speed(recipe: str, precision: str, jit: bool, steps: int, warmup: int,
         start = time.perf_counter()
         model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
         return steps * cfg.batch_size / (time.perf_counter() - start), flops_per_image(model), cfg.batch_size
-    finally:
-        keras.config.set_dtype_policy(previous)
 
 
 def pipeline_overhead(recipe: str, data: str, steps: int, rounds: int,
@@ -232,8 +227,6 @@ def platform_overhead(recipe: str, data: str, limit: int, batch: int | None = No
     Raises:
         ValueError: ``epochs`` < 2 (nothing left to time after the tracing epoch).
     """
-    import keras
-
     from cifarflow import config
     from cifarflow.training import trainer
 
@@ -249,16 +242,12 @@ def platform_overhead(recipe: str, data: str, limit: int, batch: int | None = No
         run_id = trainer.train(cfg, quiet=True, run_name=f"bench-platform-{recipe}", extra_callbacks=[clock]).run_id
         platform.append(clock)
 
-        previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(cfg.precision)
-        try:
+        with trainer.dtype_policy(cfg.precision):
             trainer.seed_everything(cfg.seed)
             model = trainer.build_and_compile(cfg, splits.ds.num_classes, splits.x_train)
             train_ds, callbacks = trainer.training_data(cfg, splits.x_train, splits.y_train, splits.ds.num_classes)
             clock = EpochClock.make()
             model.fit(train_ds, epochs=epochs, verbose=0, shuffle=False, callbacks=[clock, *callbacks])
-        finally:
-            keras.config.set_dtype_policy(previous)
         bare.append(clock)
     return median_epoch_images_per_second(n, platform), median_epoch_images_per_second(n, bare), run_id
 

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import keras
-import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient

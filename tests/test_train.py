@@ -140,6 +140,23 @@ def test_params_typed_on_the_command_line_match_resolved_values():
     assert not tracking._same_value("[32,128,128]", (64, 256, 256))
 
 
+def test_dtype_policy_is_restored_after_the_block_also_when_it_raises():
+    import keras
+
+    from cifarflow.training.trainer import dtype_policy
+
+    assert keras.config.dtype_policy().name == "float32"
+    with dtype_policy("mixed_bfloat16"):
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == "float32"
+    with pytest.raises(RuntimeError), dtype_policy("mixed_float16"):
+        raise RuntimeError("the run failed")
+    assert keras.config.dtype_policy().name == "float32"
+    with pytest.raises(ValueError), dtype_policy("float8_nonsense"):
+        pass
+    assert keras.config.dtype_policy().name == "float32"
+
+
 def test_mixed_precision_and_flip_tta(train_data):
     import keras
 

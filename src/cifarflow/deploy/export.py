@@ -273,7 +273,6 @@ def export(model_ref: str, formats: list[str], quantize: list[str] | None = None
             (the failing files are not written); TensorFlow missing or another
             Keras backend (:func:`require_tensorflow`).
     """
-    import mlflow
 
     from cifarflow.tracking import refs
 

@@ -10,6 +10,7 @@ import inspect
 from typing import Callable
 
 import keras
+import numpy as np
 import pydantic
 
 from cifarflow.errors import CifarflowError
@@ -36,7 +37,7 @@ BUILDERS: dict[str, Callable[..., keras.Model]] = {
     "efficientnet_lite0": build_efficientnet_lite0,
 }
 # Data-dependent initialisation after building: builder name -> f(model, sample raw pixels (N, 32, 32, 3)).
-DATA_INIT: dict[str, Callable[[keras.Model, "np.ndarray"], None]] = {"fast": _init_fast}
+DATA_INIT: dict[str, Callable[[keras.Model, np.ndarray], None]] = {"fast": _init_fast}
 # Arguments the trainer supplies from the data, never from a recipe.
 DATA_ARGUMENTS = ("num_classes", "mean", "std")
 

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import keras
 import numpy as np
-from keras import layers, ops
+from keras import layers
 
 from cifarflow.models.layers import pixel_input
 

@@ -229,6 +229,25 @@ def _start_run(config: TrainConfig, run_name: str | None, resume: str | None):
     return mlflow.start_run(run_name=run_name, log_system_metrics=tracking.system_metrics_wanted())
 
 
+@contextlib.contextmanager
+def dtype_policy(precision: str):
+    """Set the Keras global dtype policy for the ``with`` block and restore the previous one
+    after it, also when the block raises.
+
+    Args:
+        precision: a Keras dtype policy name (``float32``, ``mixed_float16``, ``mixed_bfloat16``).
+
+    Raises:
+        ValueError: an unknown policy name (from Keras), before anything is changed.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def train(config: TrainConfig, *, quiet: bool = False, run_name: str | None = None,
           resume: str | None = None, in_active_run: bool = False,
           extra_callbacks: list[keras.callbacks.Callback] | None = None, log_model: bool = True,
@@ -239,15 +258,9 @@ def train(config: TrainConfig, *, quiet: bool = False, run_name: str | None = No
     mixed_float16 or mixed_bfloat16; the softmax layer stays float32) for the
     run and restored afterwards.
     """
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(config.precision)
-    placed = contextlib.ExitStack()  # the devices' scope (cifarflow.training.distribute), also on errors
-    try:
+    with dtype_policy(config.precision), contextlib.ExitStack() as placed:  # placed: the devices' scope
         return _train(config, placed, quiet=quiet, run_name=run_name, resume=resume, in_active_run=in_active_run,
                       extra_callbacks=extra_callbacks or [], log_model=log_model, tags=tags or {})
-    finally:
-        placed.close()
-        keras.config.set_dtype_policy(previous)
 
 
 @dataclass(frozen=True)
