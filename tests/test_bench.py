@@ -138,3 +138,25 @@ def test_platform_overhead_takes_the_median_epoch_so_a_stall_in_one_arm_does_not
     per_second = bench_run.median_epoch_images_per_second
     ratio = per_second(4096, platform) / per_second(4096, bare)
     assert ratio == pytest.approx(14.6 / 14.7)
+
+
+def test_quick_without_run_ids_trains_one_epoch_on_10000_images_and_an_explicit_limit_wins(
+        monkeypatch, tmp_path):
+    """``--quick`` without ``--fast-run`` trains one epoch of ``fast`` on 10,000 images (the whole set made
+    the quick run 17.5 min on the slower 2-core host, over its 15); ``--limit`` still wins."""
+    from click.testing import CliRunner
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import run as bench_run
+
+    calls = []
+    monkeypatch.setattr(bench_run, "train_fast", lambda data, epochs, limit=None: calls.append((epochs, limit)) or "r1")
+    monkeypatch.setattr(bench_run, "run_figures", lambda run_id: {
+        "run_id": run_id, "recipe": "fast", "epochs": 1, "test_accuracy": 0.5, "test_accuracy_tta": 0.51,
+        "train_seconds": 100.0, "wall_seconds": 150.0, "images_per_second": 250.0})
+    out = tmp_path / "R.md"
+    for extra, expected in (([], (1, 10000)), (["--limit", "300"], (1, 300))):
+        result = CliRunner().invoke(bench_run.main, ["--quick", "--sections", "accuracy", "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        assert calls[-1] == expected
+        assert f"on {expected[1]:,} training images" in out.read_text()
