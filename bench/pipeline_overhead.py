@@ -48,6 +48,7 @@ def main(data: str, recipe: str, steps: int, rounds: int) -> None:
     pre_x = np.concatenate([augment(x[i:i + 1024].astype(np.float32), training=True) for i in range(0, n, 1024)])
     pre = (tf.data.Dataset.from_tensor_slices((pre_x, tf.one_hot(y, ds.num_classes)))
            .batch(cfg.batch_size).cache().prefetch(tf.data.AUTOTUNE))
+    pre = pipeline.without_autotuning(pre)  # as the real arm (make_dataset)
 
     def images_per_second(dataset) -> float:
         start = time.perf_counter()

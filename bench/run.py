@@ -115,6 +115,7 @@ def model_speed(recipe: str, precision: str, jit: bool, steps: int, warmup: int,
     import tensorflow as tf
 
     from cifarflow import config
+    from cifarflow.data import pipeline
     from cifarflow.models.flops import flops_per_image
     from cifarflow.training import trainer
 
@@ -127,6 +128,7 @@ def model_speed(recipe: str, precision: str, jit: bool, steps: int, warmup: int,
         model.compile(optimizer=trainer.make_optimizer(cfg, 50), loss=model.loss, metrics=["accuracy"],
                       jit_compile=jit)
         ds = tf.data.Dataset.from_tensors((tf.constant(x.astype(np.float32)), tf.one_hot(y, 10))).repeat()
+        ds = pipeline.without_autotuning(ds)  # else each fit ends at tf.data autotuning's next wake-up
         model.fit(ds, steps_per_epoch=warmup, epochs=1, verbose=0)
         start = time.perf_counter()
         model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
@@ -147,7 +149,7 @@ def pipeline_overhead(recipe: str, data: str, steps: int, rounds: int,
     import tensorflow as tf
 
     from cifarflow import config
-    from cifarflow.data import datasets
+    from cifarflow.data import datasets, pipeline
     from cifarflow.training import trainer
 
     cfg = config.resolve(recipe, {"data": data} | ({"batch_size": batch} if batch else {}))
@@ -160,7 +162,7 @@ def pipeline_overhead(recipe: str, data: str, steps: int, rounds: int,
     pre = [(np.asarray(i), np.asarray(l)) for i, l in real]
     cached = tf.data.Dataset.from_tensor_slices((np.concatenate([p[0] for p in pre]),
                                                  np.concatenate([p[1] for p in pre])))
-    cached = cached.batch(cfg.batch_size).cache().prefetch(tf.data.AUTOTUNE)
+    cached = pipeline.without_autotuning(cached.batch(cfg.batch_size).cache().prefetch(tf.data.AUTOTUNE))
 
     def ips(dataset) -> float:
         clock = EpochClock.make()
