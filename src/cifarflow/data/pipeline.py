@@ -339,8 +339,8 @@ def make_dataset(
 
 
 def without_autotuning(ds):
-    """``ds`` with tf.data's autotuning thread turned off (``AUTOTUNE`` parallelism then takes
-    tf.data's default, the cores; the prefetch buffer still grows by itself).
+    """``ds`` with tf.data's autotuning thread turned off (``AUTOTUNE`` values then take tf.data's
+    fixed defaults; `fast`'s unstalled epochs on this CPU took as long as before, bench/README.md).
 
     With it on, every epoch (each new iterator) on this 2-core CPU ended only at that thread's
     next wake-up, 10 ms x (2^n - 1) after the epoch began: 4-step epochs of 14.6 s took 20.47 s
