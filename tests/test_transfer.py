@@ -86,6 +86,31 @@ def test_fine_tune_fraction_unfreezes_the_top_layers_but_no_batchnorm(name):
     assert transfer.unfreeze_top(model, 0.0) == (len(body), 0)  # fraction 0: phase 2 trains the head only
 
 
+@pytest.mark.parametrize("name", BACKBONES)
+def test_fine_tune_batchnorm_trains_the_batchnorm_layers_of_the_top_only(name):
+    model = models.build(name, num_classes=3, **SMALL)
+    body = [l for l in transfer.backbone_of(model).layers if not isinstance(l, keras.layers.InputLayer)]
+    top = body[-round(0.5 * len(body)):]
+    assert any(isinstance(l, keras.layers.BatchNormalization) for l in top)
+    assert transfer.unfreeze_top(model, 0.5, batchnorm=True) == (len(body) - len(top), len(top))
+    assert [l.trainable for l in body] == [l in top for l in body]  # BatchNorm below the top stays frozen
+    assert any(isinstance(l, keras.layers.BatchNormalization) for l in body[:-len(top)])
+
+
+def test_the_recipe_option_fine_tune_batchnorm_reaches_the_fine_tune_phase(train_data):
+    from cifarflow.training.transfer import TransferPlan
+
+    model = models.build("efficientnet_lite0", num_classes=3, **SMALL)
+    bns = [l for l in transfer.backbone_of(model).layers if isinstance(l, keras.layers.BatchNormalization)]
+    for on in (False, True):
+        (head, tune) = TransferPlan(two_phase(train_data, "efficientnet_lite0", fine_tune_fraction=1.0,
+                                              fine_tune_batchnorm=on)).phases
+        head.prepare(model)
+        assert not any(l.trainable for l in bns)
+        tune.prepare(model)
+        assert [l.trainable for l in bns] == [on] * len(bns)
+
+
 def bn_stats(model):
     base = transfer.backbone_of(model)
     return [(np.asarray(l.moving_mean), np.asarray(l.moving_variance))

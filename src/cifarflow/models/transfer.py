@@ -10,7 +10,7 @@ feed raw pixels, whatever the backbone.
 
 Freezing for the two training phases (:func:`freeze_backbone`,
 :func:`unfreeze_top`) keeps every BatchNormalization layer of the backbone
-frozen, and a frozen BatchNormalization runs in inference mode in Keras 3.
+frozen by default, and a frozen BatchNormalization runs in inference mode in Keras 3.
 """
 
 
@@ -272,19 +272,24 @@ def freeze_backbone(model: keras.Model) -> None:
     backbone_of(model).trainable = False
 
 
-def unfreeze_top(model: keras.Model, fraction: float, count: int | None = None) -> tuple[int, int]:
+def unfreeze_top(model: keras.Model, fraction: float, count: int | None = None,
+                 batchnorm: bool = False) -> tuple[int, int]:
     """Phase 2: unfreeze the top ``count`` layers of the backbone (else ``round(fraction * layers)``),
-    keeping every BatchNormalization layer frozen (inference mode).
+    keeping every BatchNormalization layer frozen (inference mode) unless ``batchnorm``.
+
+    With ``batchnorm`` the BatchNormalization layers among the top layers train too (batch
+    statistics in training, moving statistics updated, scale and offset learned), as in
+    timm's fine-tuning; those below stay frozen.
 
     Counts the backbone's layers without its input layer. Returns
-    ``(frozen, unfrozen)`` layer counts, BatchNormalization layers counted as frozen.
+    ``(frozen, unfrozen)`` layer counts, frozen BatchNormalization layers counted as frozen.
     """
     model.trainable = True
     base = backbone_of(model)
     body = [l for l in base.layers if not isinstance(l, keras.layers.InputLayer)]
     n = min(len(body), count if count is not None else int(round(fraction * len(body))))
     for i, layer in enumerate(body):
-        layer.trainable = i >= len(body) - n and not _is_bn(layer)
+        layer.trainable = i >= len(body) - n and (batchnorm or not _is_bn(layer))
     unfrozen = sum(l.trainable for l in body)
     return len(body) - unfrozen, unfrozen
 

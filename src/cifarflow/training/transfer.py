@@ -3,7 +3,7 @@
 Everything the trainer does differently for a pretrained backbone lives here, as a
 :class:`~cifarflow.training.phases.TrainingPlan` the trainer runs like any other:
 the phases (``head``: backbone frozen; ``fine_tune``: top of the backbone unfrozen,
-BatchNorm kept frozen; ``source``: every layer trainable), the tags naming the initial
+BatchNorm kept frozen unless ``fine_tune_batchnorm``; ``source``: every layer trainable), the tags naming the initial
 backbone weights, BatchNorm calibration before the first phase, and the backbone's
 weights logged after a source task.
 """
@@ -29,7 +29,8 @@ def _freeze_backbone(model: keras.Model) -> dict[str, int]:
 
 def _unfreeze_top(config: TrainConfig):
     def prepare(model: keras.Model) -> dict[str, int]:
-        frozen, unfrozen = transfer.unfreeze_top(model, config.fine_tune_fraction, config.fine_tune_layers)
+        frozen, unfrozen = transfer.unfreeze_top(model, config.fine_tune_fraction, config.fine_tune_layers,
+                                                 batchnorm=config.fine_tune_batchnorm)
         return {"frozen_layers": frozen, "unfrozen_layers": unfrozen}
 
     return prepare
