@@ -97,6 +97,16 @@ def test_fine_tune_batchnorm_trains_the_batchnorm_layers_of_the_top_only(name):
     assert any(isinstance(l, keras.layers.BatchNormalization) for l in body[:-len(top)])
 
 
+def test_the_fine_tune_phase_uses_fine_tune_optimizer_sgd_by_default(train_data):
+    from cifarflow.training.transfer import TransferPlan
+
+    for extra, expected in (({}, "sgd"), ({"fine_tune_optimizer": "adam"}, "adam")):
+        head, tune = TransferPlan(two_phase(train_data, "mobilenetv2", optimizer="adamw",
+                                            fine_tune_learning_rate=0.0003, **extra)).phases
+        assert head.config.optimizer == "adamw"
+        assert (tune.config.optimizer, tune.config.learning_rate, tune.config.schedule) == (expected, 0.0003, "cosine")
+
+
 def test_the_recipe_option_fine_tune_batchnorm_reaches_the_fine_tune_phase(train_data):
     from cifarflow.training.transfer import TransferPlan
 

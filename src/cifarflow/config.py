@@ -101,13 +101,14 @@ class TrainConfig(pydantic.BaseModel):
     # two-phase transfer learning (models with a backbone; both None: one phase of `epochs`).
     # Phase 1 trains the head, backbone frozen, with optimizer/learning_rate/schedule for
     # head_epochs; phase 2 unfreezes the top fine_tune_layers (else fine_tune_fraction) of the
-    # backbone, BatchNorm kept frozen (unless fine_tune_batchnorm), with SGD + cosine at
-    # fine_tune_learning_rate.
+    # backbone, BatchNorm kept frozen (unless fine_tune_batchnorm), with fine_tune_optimizer + cosine
+    # at fine_tune_learning_rate.
     head_epochs: int | None = pydantic.Field(None, ge=0)
     fine_tune_epochs: int | None = pydantic.Field(None, ge=0)
     fine_tune_fraction: float = pydantic.Field(0.3, ge=0, le=1)  # 0: phase 2 trains the head only
     fine_tune_layers: int | None = pydantic.Field(None, ge=0)
     fine_tune_learning_rate: float = pydantic.Field(0.001, gt=0)
+    fine_tune_optimizer: Literal["sgd", "adam", "adamw"] = "sgd"  # with momentum/nesterov/weight_decay
     # phase 2 also trains the BatchNorm layers among the unfrozen ones (batch statistics, moving
     # statistics updated) instead of keeping them in inference mode
     fine_tune_batchnorm: bool = False

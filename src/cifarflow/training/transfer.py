@@ -60,7 +60,8 @@ class TransferPlan(TrainingPlan):
         elif config.two_phase:
             head = config.model_copy(update={"epochs": config.head_epochs})
             tune = config.model_copy(update={
-                "epochs": config.fine_tune_epochs, "optimizer": "sgd", "learning_rate": config.fine_tune_learning_rate,
+                "epochs": config.fine_tune_epochs, "optimizer": config.fine_tune_optimizer,
+                "learning_rate": config.fine_tune_learning_rate,
                 "schedule": "cosine", "warmup_epochs": 0.0, "min_learning_rate": 0.0,
             })
             phases = [p for p in (Phase("head", config.head_epochs, head, _freeze_backbone),
