@@ -68,18 +68,18 @@ def test_four_trainers_and_two_tuning_workers_at_once_one_killed_and_restarted(m
     victim = subprocess.Popen(tune, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     other = subprocess.Popen(tune, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def victim_mid_trial():  # a trial of the victim's (its user attr `worker` ends in its pid) past its first epoch
+    def victim_running():  # the victim's RUNNING trials (their user attr `worker` ends in its pid)
         trials = optuna.load_study(study_name="load", storage=pg_database).trials
-        return [t for t in trials if t.state.name == "RUNNING" and t.intermediate_values
+        return [t for t in trials if t.state.name == "RUNNING"
                 and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")]
 
-    wait_for(victim_mid_trial, timeout=300, what="the victim worker mid-trial")
+    wait_for(lambda: [t for t in victim_running() if t.intermediate_values], timeout=300,
+             what="the victim worker mid-trial")  # past a trial's first epoch
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
     # The trial it held when killed, read after the kill: between the poll and the kill it may have finished that
     # trial and begun the next one (CI saw this once).
-    held = [t for t in optuna.load_study(study_name="load", storage=pg_database).trials
-            if t.state.name == "RUNNING" and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")]
+    held = victim_running()
     assert len(held) == 1, [(t.number, t.state.name) for t in held]
     (killed,) = held
     restarted = subprocess.Popen(tune, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
