@@ -294,7 +294,9 @@ def export(model_ref: str, formats: list[str], quantize: list[str] | None = None
     ds = refs.run_test_data(run, data or None)
     model = refs.load_keras(uri)
     x_test = ds.x_test.astype(np.float32)
-    reference = model.predict(x_test, batch_size=256, verbose=0).astype(np.float64)
+    from cifarflow.data.pipeline import predict
+
+    reference = predict(model, x_test).astype(np.float64)
     keras_accuracy = float((reference.argmax(1) == ds.y_test).mean())
 
     out_dir.mkdir(parents=True, exist_ok=True)

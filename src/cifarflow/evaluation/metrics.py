@@ -97,15 +97,17 @@ def predict_probs(model, x: np.ndarray, tta: str = "none", batch_size: int = 256
     problem = pixel_problem(x)
     if problem:
         raise CifarflowError(problem, "pass images as decoded from their files: RGB values 0..255, no NaN")
+    from cifarflow.data.pipeline import predict
+
     x = np.asarray(x, dtype=np.float32)
     if tta == "multiview":
-        logp = sum(weight * np.log(np.maximum(model.predict(view, batch_size=batch_size, verbose=0), 1e-30))
+        logp = sum(weight * np.log(np.maximum(predict(model, view, batch_size), 1e-30))
                    for weight, view in multiview(x))
         probs = np.exp(logp - logp.max(axis=1, keepdims=True))
         return np.asarray(probs / probs.sum(axis=1, keepdims=True), dtype=np.float32)
-    probs = model.predict(x, batch_size=batch_size, verbose=0)
+    probs = predict(model, x, batch_size)
     if tta == "flip":
-        probs = (probs + model.predict(x[:, :, ::-1, :], batch_size=batch_size, verbose=0)) / 2
+        probs = (probs + predict(model, x[:, :, ::-1, :], batch_size)) / 2
     elif tta != "none":
         raise ValueError(f"unknown tta '{tta}' (use {', '.join(TTA_MODES)})")
     return np.asarray(probs, dtype=np.float32)
