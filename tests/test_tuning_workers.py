@@ -14,6 +14,8 @@ import pytest
 import yaml
 from clirun import CIFARFLOW
 
+from cifarflow.training.checkpoints import KILL_HOOK
+
 
 TINY_SIMPLE5 = ["--set", "batch_size=16", "--set", "val_fraction=0.25", "--set", "warmup_epochs=0",
                 "--set", "filters=4", "--set", "dense_units=8"]  # the smallest simple5: startup, not training, costs
@@ -68,17 +70,19 @@ def test_a_killed_workers_trial_is_failed_although_the_budget_is_met_before_it_g
     in the budget until it goes stale; B then fails it (and its MLflow run) and runs the trial in its place."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     command = tune_command(folder_data, tmp_path, storage, trials=1, epochs=3, heartbeat=10)
-    a = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # A SIGKILLs itself once the second epoch's checkpoint is on disk, the first epoch reported: a kill
+    # from here after polling for that epoch raced A's 3 short epochs, which CI once saw end first.
+    a = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, KILL_HOOK: "durable:1"})
 
-    def running(epochs_done: bool):
-        return [t for t in optuna.load_study(study_name="shared", storage=storage).trials
-                if t.state.name == "RUNNING" and (t.intermediate_values or not epochs_done)]
+    def running():
+        return [t for t in optuna.load_study(study_name="shared", storage=storage).trials if t.state.name == "RUNNING"]
 
-    wait_for(lambda: running(False), what="A's trial")  # B starts (imports TensorFlow) while A trains
+    wait_for(running, what="A's trial")  # B starts (imports TensorFlow) while A trains
     b = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: running(True), what="A's first epoch")
-    os.killpg(a.pid, signal.SIGKILL)
-    a.wait()
+    assert a.wait(timeout=600) == -signal.SIGKILL
+    killed = running()
+    assert len(killed) == 1 and list(killed[0].intermediate_values) == [0]  # mid-trial, one epoch reported
     out, err = b.communicate(timeout=600)
     assert b.returncode == 0, err[-3000:]
     trials = optuna.load_study(study_name="shared", storage=storage).trials
