@@ -320,7 +320,7 @@ def data() -> None:
 
 @data.command("info")
 @click.argument("source", default="cifar10")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
+@click.option("--out", type=click.Path(dir_okay=False), default=None, callback=output_option("--out", folder=False),
               help="Also write a PNG grid of sample images per class to this file.")
 @click.option("--skip-corrupt", is_flag=True, help="Drop unreadable images instead of failing.")
 @click.option("--resize", is_flag=True, help="Resize images that are not 32x32.")
@@ -332,8 +332,6 @@ def data_info(source, out, skip_corrupt, resize, trust_data) -> None:
     from cifarflow.data import datasets as d
     from cifarflow import plots
 
-    if out:
-        check_output(out, "--out", folder=False)
     ds = d.load(source, skip_corrupt=skip_corrupt, resize=resize, trust_data=trust_data)
     if not len(ds.y_train):
         raise CifarflowError(f"no readable training image in {source}", "check the data")
