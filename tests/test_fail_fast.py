@@ -125,3 +125,61 @@ def test_an_unreachable_tracking_server_is_one_line_within_seconds(tmp_path, mon
     assert time.monotonic() - started < 90  # bounded retries (was 254 s, then a 254-line traceback)
     assert "hunter2" not in line and "alice:***@127.0.0.1" in line  # item 11: the password is masked
     assert nothing_was_loaded(tmp_path)
+
+
+def a_free_port_spelling(digits: str) -> int:
+    """A free local port whose number holds ``digits`` (e.g. 40127 holds "401")."""
+    import socket
+
+    for port in range(int(digits) * 100, int(digits) * 100 + 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip(f"no free port spelling {digits}")
+
+
+def test_a_refused_connection_on_a_port_spelling_401_is_not_a_credentials_error():
+    # CI once told a user with a stopped server on port 40127 that it "refused the credentials"
+    from cifarflow.errors import CifarflowError
+    from cifarflow.tracking import _check_server
+
+    with pytest.raises(CifarflowError) as caught:
+        _check_server(f"http://127.0.0.1:{a_free_port_spelling('401')}")
+    assert "cannot reach the MLflow tracking server" in str(caught.value)
+    assert "connection refused" in str(caught.value)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_server_that_refuses_the_credentials_says_so(status):
+    import http.server
+    import threading
+
+    from cifarflow.errors import CifarflowError
+    from cifarflow.tracking import _check_server
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = b"You are not authenticated. Please see the documentation."
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(CifarflowError) as caught:
+            _check_server(f"http://alice:hunter2@127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+    message = str(caught.value)
+    assert "refused the credentials" in message and "MLFLOW_TRACKING_USERNAME" in message, message
+    assert "hunter2" not in message

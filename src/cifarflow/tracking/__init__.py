@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import platform
+import re
 import shlex
 import subprocess
 import time
@@ -75,8 +76,6 @@ def mask_url(url: str) -> str:
         userinfo, _, hostport = parts.netloc.rpartition("@")
         parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{hostport}")
     if "password=" in parts.query:
-        import re
-
         parts = parts._replace(query=re.sub(r"(password=)[^&]*", r"\1***", parts.query))
     return urlunsplit(parts)
 
@@ -134,7 +133,8 @@ def _check_server(uri: str) -> None:
     except Exception as exc:
         text = str(exc)
         code = getattr(exc, "error_code", "")
-        if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or "401" in text or "403" in text:
+        # the status code, never a bare "401" anywhere in the text: a port such as 40127 holds one
+        if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or re.search(r"error code 40[13]\b", text):
             raise CifarflowError(f"the MLflow tracking server {mask_url(uri)} refused the credentials",
                                  "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account on it") \
                 from None
