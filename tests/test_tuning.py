@@ -15,6 +15,7 @@ import yaml
 
 from cifarflow.training import tuning
 from cifarflow.errors import CifarflowError
+from cifarflow.training.checkpoints import KILL_HOOK
 
 FIXED = {"epochs": 4, "batch_size": 16, "val_fraction": 0.25, "warmup_epochs": 0}
 
@@ -127,24 +128,13 @@ def _space_without_pruning(tmp_path):
 @pytest.mark.slow
 def test_a_killed_study_resumes_and_its_stale_trial_run_ends_failed(train_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    # 20 epochs a trial: the second trial must still be running when a poll (0.5 s + a database read,
-    # slower on a loaded machine) sees its first epoch; with 6 it once finished between two polls
-    command = _tune_command(train_data, _space_without_pruning(tmp_path), storage, trials=3, epochs=20)
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # one finished trial, and the second through its first of 20 epochs
-        time.sleep(0.5)
-        try:
-            trials = optuna.load_study(study_name="shared", storage=storage).trials
-        except Exception:
-            continue
-        if [t.state.name for t in trials][:2] == ["COMPLETE", "RUNNING"] and trials[1].intermediate_values:
-            break
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("never saw the second trial running: the kill would not hit a trial in progress")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    command = _tune_command(train_data, _space_without_pruning(tmp_path), storage, trials=3, epochs=3)
+    # the study kills itself (SIGKILL) in its second trial, once that trial's second epoch is on disk and
+    # its first reported: a kill from here after polling for that epoch raced the trial's short epochs
+    proc = subprocess.run(command, capture_output=True, timeout=600, env={**os.environ, KILL_HOOK: "durable:1:2"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "RUNNING"] and list(trials[1].intermediate_values) == [0]
     time.sleep(3)  # the killed trial's heartbeat goes stale (grace period 2 s)
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     states = [t.state.name for t in optuna.load_study(study_name="shared", storage=storage).trials]

@@ -24,14 +24,25 @@ import numpy as np
 from cifarflow.errors import CifarflowError
 
 STATE = "state.json"
-KILL_HOOK = "CIFARFLOW_TEST_KILL"  # tests only: "<point>:<epoch>", see _test_kill
+KILL_HOOK = "CIFARFLOW_TEST_KILL"  # tests only: "<point>:<epoch>[:<nth>]", see _test_kill
+_kill_points_reached: dict[tuple[str, int], int] = {}
+
+
+def _kill_hook_names(point: str, epoch: int) -> bool:
+    """Whether ``$CIFARFLOW_TEST_KILL`` names ``point`` of ``epoch`` (whatever its ``nth``)."""
+    return os.environ.get(KILL_HOOK, "").split(":")[:2] == [point, str(epoch)]
 
 
 def _test_kill(point: str, epoch: int) -> None:
     """SIGKILL this process at ``point`` of ``epoch`` when ``$CIFARFLOW_TEST_KILL`` says so (a deterministic
     kill -9 inside the checkpoint window for the tests: ``partial`` = half a weights file written,
-    ``durable`` = checkpoint on disk, epoch not yet logged to MLflow)."""
-    if os.environ.get(KILL_HOOK) == f"{point}:{epoch}":
+    ``durable`` = checkpoint on disk, epoch not yet logged to MLflow). ``<point>:<epoch>:<nth>`` kills the
+    ``nth`` time this process gets there (``durable:1:2``: in the second trial of a study), 1 by default."""
+    if not _kill_hook_names(point, epoch):
+        return
+    nth = os.environ[KILL_HOOK].split(":")[2:3] or ["1"]
+    reached = _kill_points_reached[point, epoch] = _kill_points_reached.get((point, epoch), 0) + 1
+    if reached == int(nth[0]):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -145,7 +156,7 @@ class DurableBackup(keras.callbacks.Callback):
         old = read_state(self.backup_dir)
 
         def write_weights(tmp: Path):
-            if os.environ.get(KILL_HOOK) == f"partial:{epoch}":
+            if _kill_hook_names("partial", epoch):
                 self.model.save_weights(str(self.backup_dir / ".whole.weights.h5"))
                 data = (self.backup_dir / ".whole.weights.h5").read_bytes()
                 tmp.write_bytes(data[: len(data) // 2])
