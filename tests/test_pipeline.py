@@ -133,3 +133,17 @@ def test_an_epoch_is_a_function_of_seed_and_epoch_so_a_fresh_pipeline_resumes_it
         np.testing.assert_array_equal(la, lb)
     assert not np.array_equal(epochs[1][0][0], epochs[2][0][0])  # and each epoch draws anew
     assert not np.array_equal(epochs[1][0][1], epochs[2][0][1])
+
+
+def test_one_batch_repeated_feeds_the_same_float_batch_forever_without_autotuning():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4, 8, 8, 3)).astype(np.uint8)
+    y = np.array([0, 3, 9, 3])
+    ds = pipeline.one_batch_repeated(x, y)
+    assert ds.options().autotune.enabled is False
+    batches = list(ds.take(3).as_numpy_iterator())
+    assert len(batches) == 3
+    for xb, yb in batches:
+        assert xb.dtype == np.float32 and yb.dtype == np.float32 and yb.shape == (4, 10)
+        np.testing.assert_array_equal(xb, x.astype(np.float32))
+        np.testing.assert_array_equal(yb.argmax(1), y)

@@ -359,6 +359,25 @@ def without_autotuning(ds):
     return ds.with_options(options)
 
 
+def one_batch_repeated(x: np.ndarray, y: np.ndarray, num_classes: int = 10):
+    """One batch fed forever, for timing a model's training step alone (``bench/``): no decoding,
+    augmentation or copying per step, and no autotuning (:func:`without_autotuning`), which would end
+    each ``fit`` at its next wake-up.
+
+    Args:
+        x: uint8 or float images (B, H, W, 3), 0..255; fed as float32.
+        y: integer labels (B,), 0 <= y < ``num_classes``; fed one-hot, float32 (B, num_classes).
+        num_classes: width of the one-hot labels.
+
+    Returns:
+        An infinite ``tf.data.Dataset`` of ``(x, one_hot(y))``: pass ``steps_per_epoch`` to ``fit``.
+    """
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensors((tf.constant(x.astype(np.float32)), tf.one_hot(y, num_classes))).repeat()
+    return without_autotuning(ds)
+
+
 def predict(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """``model.predict(x)`` in batches, on the TensorFlow backend through a tf.data pipeline without
     autotuning (:func:`without_autotuning`), so the call does not wait for autotuning's next wake-up.
