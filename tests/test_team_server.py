@@ -13,8 +13,9 @@ import optuna
 import pytest
 from clirun import CIFARFLOW
 from cifarflow.cli import main
+from cifarflow.training.checkpoints import KILL_HOOK
 from conftest import PG_ROLE_PASSWORD, write_class_folders
-from test_tuning_workers import TINY_SIMPLE5, tune_command, wait_for
+from test_tuning_workers import TINY_SIMPLE5, tune_command
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,10 @@ def test_four_trainers_and_two_tuning_workers_at_once_one_killed_and_restarted(m
                                   "--seed", str(seed), *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True) for seed in range(4)]
     tune = tune_command(data, tmp_path, pg_database, trials=budget, epochs=3, heartbeat=5, study="load")
-    victim = subprocess.Popen(tune, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # the victim SIGKILLs itself mid-trial, once its trial's second epoch is on disk and its first reported: a kill
+    # from here after polling for that epoch raced the victim's short trials (the held trial could have ended)
+    victim = subprocess.Popen(tune, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, KILL_HOOK: "durable:1"})
     other = subprocess.Popen(tune, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def victim_running():  # the victim's RUNNING trials (their user attr `worker` ends in its pid)
@@ -73,14 +77,9 @@ def test_four_trainers_and_two_tuning_workers_at_once_one_killed_and_restarted(m
         return [t for t in trials if t.state.name == "RUNNING"
                 and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")]
 
-    wait_for(lambda: [t for t in victim_running() if t.intermediate_values], timeout=300,
-             what="the victim worker mid-trial")  # past a trial's first epoch
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
-    # The trial it held when killed, read after the kill: between the poll and the kill it may have finished that
-    # trial and begun the next one (CI saw this once).
+    assert victim.wait(timeout=600) == -signal.SIGKILL
     held = victim_running()
-    assert len(held) == 1, [(t.number, t.state.name) for t in held]
+    assert len(held) == 1 and list(held[0].intermediate_values) == [0], [(t.number, t.state.name) for t in held]
     (killed,) = held
     restarted = subprocess.Popen(tune, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for p in [*trainers, other, restarted]:
