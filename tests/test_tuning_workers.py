@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import mlflow
@@ -90,3 +91,42 @@ def test_a_killed_workers_trial_is_failed_although_the_budget_is_met_before_it_g
     runs = trial_runs()
     assert runs[0].info.status == "FAILED" and runs[1].info.status == "FINISHED"
     assert "1 complete, 0 pruned, 1 failed" in out
+
+
+OUTSIDER = """
+import sys, time, optuna
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+print("ready", flush=True)
+start, folder, rounds = float(sys.stdin.readline()), sys.argv[1], int(sys.argv[2])
+lost = 0
+for i in range(rounds):
+    while time.time() < start + 0.8 * i:
+        pass
+    try:
+        optuna.storages.RDBStorage(f"sqlite:///{folder}/optuna-{i}.db")
+    except Exception:
+        lost += 1
+print("lost", lost, flush=True)
+"""
+
+
+def test_a_worker_survives_another_process_creating_a_new_storage_at_the_same_moment(tmp_path):
+    """A process that does not take cifarflow's lock (``optuna.load_study``, the Optuna dashboard, a worker
+    on another machine) creates the storage's tables at the same moment as a worker: 12 times, on 12 new
+    files. The worker must open every one (before the retry it lost a race and died in each of 3 runs)."""
+    from cifarflow.training import tuning
+
+    rounds = 12
+    outsider = subprocess.Popen([sys.executable, "-c", OUTSIDER, str(tmp_path), str(rounds)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert outsider.stdout.readline().strip() == "ready"
+    start = time.time() + 0.5
+    outsider.stdin.write(f"{start}\n")
+    outsider.stdin.flush()
+    for i in range(rounds):
+        time.sleep(max(0.0, start + 0.8 * i - time.time()))
+        url = f"sqlite:///{tmp_path}/optuna-{i}.db"
+        storage = tuning.open_storage(url, heartbeat=60)
+        optuna.create_study(study_name="s", storage=storage, load_if_exists=True)  # the storage works
+    out, _ = outsider.communicate(timeout=120)
+    assert outsider.returncode == 0 and out.startswith("lost ")

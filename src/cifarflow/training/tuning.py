@@ -194,20 +194,41 @@ def open_storage(url: str, heartbeat: int = 60) -> optuna.storages.RDBStorage:
     A trial whose process died stops beating; after ``2 * heartbeat`` seconds
     the next worker marks it FAIL and :func:`_end_stale_run` ends its MLflow run
     as FAILED.
+
+    Creating the tables races with any other process creating them at the same moment: workers on
+    one SQLite file take a file lock, but a process without it (``optuna.load_study``, the Optuna
+    dashboard, a worker on another machine sharing PostgreSQL) can still create a table first, and
+    the loser's ``CREATE TABLE`` or version row fails ("already exists", unique constraint). Such a
+    failure is retried (up to 5 tries, 0.5-2 s apart): the tables are there then.
+
+    Raises:
+        CifarflowError: the storage cannot be opened (unreachable, not a database, refused...).
     """
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     if url.startswith("postgresql"):
         kwargs["connect_args"] = {"connect_timeout": 15}  # an unreachable host fails in seconds, not minutes
-    try:
-        with tracking.sqlite_lock(url):  # two fresh workers would race creating the tables
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
-                                              grace_period=2 * heartbeat,
-                                              heartbeat_stale_trial_callback=_end_stale_run)
-    except Exception as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""]
-        raise CifarflowError(f"cannot open Optuna storage {tracking.mask_url(url)}: {type(exc).__name__}: "
-                             f"{tracking.mask_secrets(reason[0], url)}"[:500],
-                             "pass --storage with a reachable SQLAlchemy URL, e.g. sqlite:///optuna.db") from None
+    attempt, tries = 0, 5
+    while True:
+        attempt += 1
+        try:
+            with tracking.sqlite_lock(url):  # two fresh workers would race creating the tables
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
+                                                  grace_period=2 * heartbeat,
+                                                  heartbeat_stale_trial_callback=_end_stale_run)
+        except Exception as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""]
+            if attempt < tries and _lost_a_creation_race(reason[0]):
+                time.sleep(0.5 * attempt)
+                continue
+            raise CifarflowError(f"cannot open Optuna storage {tracking.mask_url(url)}: {type(exc).__name__}: "
+                                 f"{tracking.mask_secrets(reason[0], url)}"[:500],
+                                 "pass --storage with a reachable SQLAlchemy URL, e.g. sqlite:///optuna.db") from None
+
+
+def _lost_a_creation_race(reason: str) -> bool:
+    """Whether a database error says another process created the same table or version row first."""
+    reason = reason.lower()
+    return "already exists" in reason or "unique constraint" in reason or "duplicate key" in reason
 
 
 @contextlib.contextmanager
