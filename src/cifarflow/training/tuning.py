@@ -211,7 +211,9 @@ def open_storage(url: str, heartbeat: int = 60) -> optuna.storages.RDBStorage:
     while True:
         attempt += 1
         try:
-            with tracking.sqlite_lock(url):  # two fresh workers would race creating the tables
+            # the lock: two fresh workers would race creating the tables
+            with tracking.sqlite_lock(url), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: used on purpose
                 return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
                                                   grace_period=2 * heartbeat,
                                                   heartbeat_stale_trial_callback=_end_stale_run)
