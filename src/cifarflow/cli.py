@@ -85,13 +85,13 @@ def _overrides(sets, **options) -> dict:
     return {**cfg.parse_overrides(sets), **{k: v for k, v in options.items() if v is not None}}
 
 
-def output_option(option: str, *, folder: bool = True):
+def output_option(*, folder: bool = True):
     """A click option callback running :func:`check_output` on the value (when given) while the command
-    line is parsed, so a bad output is refused before any import or work."""
+    line is parsed, so a bad output is refused before any import or work; errors name the option."""
 
     def callback(ctx: click.Context, param: click.Parameter, value):
         if value is not None:
-            check_output(value, option, folder=folder)
+            check_output(value, param.opts[0], folder=folder)
         return value
 
     return callback
@@ -277,7 +277,7 @@ def evaluate_command(model_ref, data, tta, fgsm_images) -> None:
 @click.option("--experiments", "-e", multiple=True, help="Experiments to compare (default: every cifarflow/ one).")
 @click.option("--metric", default="test_accuracy", show_default=True, help="Ranking metric, best first.")
 @click.option("--out", type=click.Path(file_okay=False), default="comparison", show_default=True,
-              callback=output_option("--out"), help="Folder for comparison.md/.csv and the plots.")
+              callback=output_option(), help="Folder for comparison.md/.csv and the plots.")
 @click.option("--latency", is_flag=True, help="Also time batch-1 predictions of each model.")
 def compare_command(experiments, metric, out, latency) -> None:
     """Table and plots of finished runs side by side, logged as a comparison run."""
@@ -320,7 +320,7 @@ def data() -> None:
 
 @data.command("info")
 @click.argument("source", default="cifar10")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, callback=output_option("--out", folder=False),
+@click.option("--out", type=click.Path(dir_okay=False), default=None, callback=output_option(folder=False),
               help="Also write a PNG grid of sample images per class to this file.")
 @click.option("--skip-corrupt", is_flag=True, help="Drop unreadable images instead of failing.")
 @click.option("--resize", is_flag=True, help="Resize images that are not 32x32.")
@@ -393,7 +393,7 @@ def promote(model, force) -> None:
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "all"]), default="all", show_default=True)
 @click.option("--quantize", multiple=True, default=("none",), show_default=True,
               help="TFLite mode(s): none (float32), float16, dynamic, int8, all; repeatable or comma-separated.")
-@click.option("--out", type=click.Path(file_okay=False), default=None, callback=output_option("--out"),
+@click.option("--out", type=click.Path(file_okay=False), default=None, callback=output_option(),
               help="Output folder (default export/<model>/<version>/).")
 @click.option("--data", default=None, help="Test data (default: the training run's data source).")
 def export_command(model_uri, fmt, quantize, out, data) -> None:
@@ -419,7 +419,7 @@ def export_command(model_uri, fmt, quantize, out, data) -> None:
               show_default=True, help="keras: model.keras; mlflow: the MLflow model folder (any flavor, e.g. an ensemble).")
 @click.option("--quantize", type=click.Choice(["none", "float16", "dynamic", "int8"]), default="none",
               show_default=True, help="Which TFLite file.")
-@click.option("--dest", type=click.Path(file_okay=False), required=True, callback=output_option("--dest"),
+@click.option("--dest", type=click.Path(file_okay=False), required=True, callback=output_option(),
               help="Output folder.")
 def pull(model, fmt, quantize, dest) -> None:
     """Download MODEL (NAME@ALIAS, NAME/VERSION) for deployment, with a model_card.json."""
