@@ -24,26 +24,24 @@ import numpy as np
 from cifarflow.errors import CifarflowError
 
 STATE = "state.json"
-KILL_HOOK = "CIFARFLOW_TEST_KILL"  # tests only: "<point>:<epoch>[:<nth>]", see _test_kill
+KILL_HOOK = "CIFARFLOW_TEST_KILL"  # tests only: "<point>:<epoch>[:<nth>]", see _kill_due
 _kill_points_reached: dict[tuple[str, int], int] = {}
 
 
-def _kill_hook_names(point: str, epoch: int) -> bool:
-    """Whether ``$CIFARFLOW_TEST_KILL`` names ``point`` of ``epoch`` (whatever its ``nth``)."""
-    return os.environ.get(KILL_HOOK, "").split(":")[:2] == [point, str(epoch)]
-
-
-def _test_kill(point: str, epoch: int) -> None:
-    """SIGKILL this process at ``point`` of ``epoch`` when ``$CIFARFLOW_TEST_KILL`` says so (a deterministic
-    kill -9 inside the checkpoint window for the tests: ``partial`` = half a weights file written,
-    ``durable`` = checkpoint on disk, epoch not yet logged to MLflow). ``<point>:<epoch>:<nth>`` kills the
-    ``nth`` time this process gets there (``durable:1:2``: in the second trial of a study), 1 by default."""
-    if not _kill_hook_names(point, epoch):
-        return
-    nth = os.environ[KILL_HOOK].split(":")[2:3] or ["1"]
+def _kill_due(point: str, epoch: int) -> bool:
+    """Whether this process should SIGKILL itself now, at ``point`` of ``epoch``: ``$CIFARFLOW_TEST_KILL``
+    (tests only) names them as ``<point>:<epoch>[:<nth>]`` and this is the ``nth`` time (1 by default) the
+    process gets there (``durable:1:2``: in the second trial of a study). The points: ``partial`` = half a
+    weights file written, ``durable`` = checkpoint on disk, epoch not yet logged to MLflow."""
+    hook = os.environ.get(KILL_HOOK, "").split(":")
+    if hook[:2] != [point, str(epoch)]:
+        return False
     reached = _kill_points_reached[point, epoch] = _kill_points_reached.get((point, epoch), 0) + 1
-    if reached == int(nth[0]):
-        os.kill(os.getpid(), signal.SIGKILL)
+    return reached == int((hook[2:3] or ["1"])[0])
+
+
+def _sigkill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -156,11 +154,11 @@ class DurableBackup(keras.callbacks.Callback):
         old = read_state(self.backup_dir)
 
         def write_weights(tmp: Path):
-            if _kill_hook_names("partial", epoch):
+            if _kill_due("partial", epoch):
                 self.model.save_weights(str(self.backup_dir / ".whole.weights.h5"))
                 data = (self.backup_dir / ".whole.weights.h5").read_bytes()
                 tmp.write_bytes(data[: len(data) // 2])
-                _test_kill("partial", epoch)
+                _sigkill()
             keras_tmp = tmp.with_name(tmp.name + ".weights.h5")  # Keras wants the .weights.h5 suffix
             self.model.save_weights(str(keras_tmp))
             os.replace(keras_tmp, tmp)
@@ -185,7 +183,8 @@ class DurableBackup(keras.callbacks.Callback):
         for stale in self.backup_dir.glob("epoch-*.weights.h5"):
             if stale.name not in keep:
                 stale.unlink(missing_ok=True)
-        _test_kill("durable", epoch)
+        if _kill_due("durable", epoch):
+            _sigkill()
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
