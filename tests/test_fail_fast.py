@@ -3,10 +3,8 @@ outputs that are files or not writable, read-only or corrupt stores, an unreacha
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from clirun import assert_one_line_error, cli
+from clirun import assert_one_line_error, cli, in_process
 from conftest import free_port, write_class_folders
 
 TINY = ["--epochs", "1", "--quiet", "--set", "batch_size=16", "--set", "val_fraction=0.25"]
@@ -23,11 +21,11 @@ def nothing_was_loaded(folder) -> bool:
     (["pull", "no-such-model@champion", "--dest", "{file}/sub"], "--dest"),
     (["data", "info", "{data}", "--out", "{file}/grid.png"], "--out"),
 ])
-def test_an_output_below_a_file_is_refused_before_any_work(tmp_path, argv, option):
+def test_an_output_below_a_file_is_refused_before_any_work(tmp_path, argv, option, capfd):
     (tmp_path / "afile").write_text("not a folder")
     write_class_folders(tmp_path / "data", per_class=(8, 2))
     argv = [a.format(file=tmp_path / "afile", data=tmp_path / "data") for a in argv]
-    assert_one_line_error(cli(*argv), option, str(tmp_path / "afile"))
+    assert_one_line_error(in_process(capfd, *argv), option, str(tmp_path / "afile"))
     assert nothing_was_loaded(tmp_path)
 
 
@@ -58,10 +56,45 @@ def test_a_bad_output_is_refused_before_tensorflow_is_imported(tmp_path, argv):
     assert err.startswith("error: ") and "lies below" in err and err.count("\n") == 1, err
 
 
-def test_a_command_imports_tensorflow_before_its_body_runs(tmp_path):
-    """Past its argument checks a command imports TensorFlow, quietly, before its body (test_cli checks the quiet)."""
-    status, err = exit_and_tensorflow(["compare", "--out", "fine"], tmp_path)
-    assert status[-2:] == ["tensorflow", "True"], err
+def test_a_command_imports_tensorflow_before_its_body_runs(tmp_path, monkeypatch, capfd):
+    """Past its argument checks a command imports TensorFlow, quietly, before its body (test_cli checks the quiet).
+
+    In this process, with TensorFlow hidden from ``sys.modules`` and a stand-in module found for
+    ``import tensorflow``: the command imports it once, with fd 2 held back (``held_stderr``), before
+    its body runs."""
+    import importlib.abc
+    import importlib.machinery
+    import os
+    import sys
+
+    from cifarflow.errors import CifarflowError
+    from cifarflow.evaluation import compare  # the body's own imports, done before TensorFlow is hidden
+
+    events = []
+    terminal = os.fstat(2).st_ino
+
+    class StandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            return importlib.machinery.ModuleSpec(name, self) if name == "tensorflow" else None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            events.append(("import tensorflow", "held" if os.fstat(2).st_ino != terminal else "on stderr"))
+
+    def body(*args, **kwargs):
+        events.append(("body", "tensorflow imported" if "tensorflow" in sys.modules else "no tensorflow"))
+        raise CifarflowError("the body ran", "nothing to fix")
+
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)  # isolate's KERAS_HOME has no keras.json: tensorflow
+    with pytest.MonkeyPatch.context() as hidden:  # the real TensorFlow is back when the command returns
+        hidden.delitem(sys.modules, "tensorflow")
+        hidden.setattr(sys, "meta_path", [StandIn(), *sys.meta_path])
+        hidden.setattr(compare, "compare", body)
+        proc = in_process(capfd, "compare", "--out", "fine")
+    assert_one_line_error(proc, "the body ran")
+    assert events == [("import tensorflow", "held"), ("body", "tensorflow imported")], events
 
 
 @pytest.mark.parametrize("argv, option", [
@@ -94,35 +127,51 @@ def test_a_read_only_tracking_store_is_refused_before_training(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("verb", [["train", "simple5", "--data", "{data}", *TINY], ["compare"]])
-def test_a_corrupt_tracking_store_is_one_line(tmp_path, monkeypatch, verb):
+def test_a_corrupt_tracking_store_is_one_line(tmp_path, monkeypatch, verb, capfd):
     write_class_folders(tmp_path / "data", per_class=(8, 2))
     db = tmp_path / "broken.db"
     db.write_bytes(b"this is not an SQLite file\n" * 100)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
-    proc = cli(*[a.format(data=tmp_path / "data") for a in verb])
+    proc = in_process(capfd, *[a.format(data=tmp_path / "data") for a in verb])
     assert_one_line_error(proc, str(db), "not an MLflow")
     assert nothing_was_loaded(tmp_path)
 
 
-def test_a_corrupt_optuna_storage_is_one_line(tmp_path, train_data):
+def test_a_corrupt_optuna_storage_is_one_line(tmp_path, train_data, capfd):
     db = tmp_path / "optuna.db"
     db.write_bytes(b"garbage" * 1000)
-    proc = cli("tune", "cnn_small", "--study", "s", "--trials", "1", "--storage", f"sqlite:///{db}",
-               "--data", train_data, "--epochs", "1")
+    proc = in_process(capfd, "tune", "cnn_small", "--study", "s", "--trials", "1", "--storage", f"sqlite:///{db}",
+                      "--data", train_data, "--epochs", "1")
     assert_one_line_error(proc, "Optuna storage", str(db))
 
 
 @pytest.mark.parametrize("verb", [["train", "simple5", "--data", "{data}", *TINY],
                                   ["tune", "cnn_small", "--study", "s", "--trials", "1", "--data", "{data}"],
                                   ["compare"]])
-def test_an_unreachable_tracking_server_is_one_line_within_seconds(tmp_path, monkeypatch, verb):
+def test_an_unreachable_tracking_server_is_one_line_within_seconds(tmp_path, monkeypatch, verb, capfd):
+    """Bounded retries (was 254 s of MLflow's back-off, then a 254-line traceback), counted rather than
+    timed: the connection attempts to the server and the back-off urllib3 asks for (not slept here)."""
+    import urllib3.util.connection
+    from urllib3.util.retry import Retry
+
     write_class_folders(tmp_path / "data", per_class=(8, 2))
-    url = f"http://alice:hunter2@127.0.0.1:{free_port()}"  # nothing listens there
+    port = free_port()
+    url = f"http://alice:hunter2@127.0.0.1:{port}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    started = time.monotonic()
-    proc = cli(*[a.format(data=tmp_path / "data") for a in verb], timeout=200)
+    attempts, backoff = [], []
+    connect = urllib3.util.connection.create_connection
+
+    def counted(address, *args, **kwargs):
+        if address[1] == port:
+            attempts.append(address)
+        return connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", counted)
+    monkeypatch.setattr(Retry, "sleep", lambda self, response=None: backoff.append(self.get_backoff_time()))
+    proc = in_process(capfd, *[a.format(data=tmp_path / "data") for a in verb])
     line = assert_one_line_error(proc, "cannot reach the MLflow tracking server", "MLFLOW_TRACKING_URI")
-    assert time.monotonic() - started < 90  # bounded retries (was 254 s, then a 254-line traceback)
+    assert 1 <= len(attempts) <= 3, attempts  # one request, 2 retries
+    assert sum(backoff) <= 10, backoff  # MLflow's default: 7 retries, 2+4+...+128 s
     assert "hunter2" not in line and "alice:***@127.0.0.1" in line  # item 11: the password is masked
     assert nothing_was_loaded(tmp_path)
 

@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from clirun import CIFARFLOW, assert_one_line_error, cli
+from clirun import CIFARFLOW, assert_one_line_error, in_process
 from conftest import write_class_folders, write_pickle_dir
 
 
@@ -34,47 +34,47 @@ def poison(batch_file: Path, marker: Path, keep_valid: bool = True) -> None:
 
 
 @pytest.mark.parametrize("keep_valid", [True, False], ids=["returns-a-valid-batch", "returns-garbage"])
-def test_a_pickle_that_runs_a_command_is_refused_and_never_runs(tmp_path, keep_valid):
+def test_a_pickle_that_runs_a_command_is_refused_and_never_runs(tmp_path, keep_valid, capfd):
     data, marker = tmp_path / "batches", tmp_path / "PWNED"
     write_pickle_dir(data)
     poison(data / "data_batch_1", marker, keep_valid)
-    line = assert_one_line_error(cli("data", "info", data, "--out", tmp_path / "grid.png"), "data_batch_1",
-                                 "--trust-data")
+    line = assert_one_line_error(in_process(capfd, "data", "info", data, "--out", tmp_path / "grid.png"),
+                                 "data_batch_1", "--trust-data")
     assert not marker.exists(), line
 
     archive = tmp_path / "batches.tar.gz"  # the same files in an archive: refused alike
     with tarfile.open(archive, "w:gz") as tf:
         tf.add(data, arcname="cifar-10-batches-py")
-    assert_one_line_error(cli("data", "info", archive, "--out", tmp_path / "grid.png"), "--trust-data")
+    assert_one_line_error(in_process(capfd, "data", "info", archive, "--out", tmp_path / "grid.png"), "--trust-data")
     assert not marker.exists()
     assert not list((tmp_path / "cache").glob("arrays/*.npz"))  # nothing decoded was cached
 
-    train = cli("train", "simple5", "--data", data, "--epochs", "1", "--quiet")
+    train = in_process(capfd, "train", "simple5", "--data", data, "--epochs", "1", "--quiet")
     assert_one_line_error(train, "--trust-data")
     assert not marker.exists()
 
 
-def test_trust_data_is_the_explicit_way_to_load_such_a_pickle(tmp_path):
+def test_trust_data_is_the_explicit_way_to_load_such_a_pickle(tmp_path, capfd):
     data, marker = tmp_path / "batches", tmp_path / "PWNED"
     write_pickle_dir(data)
     poison(data / "data_batch_1", marker)
-    proc = cli("data", "info", data, "--out", tmp_path / "grid.png", "--trust-data")
+    proc = in_process(capfd, "data", "info", data, "--out", tmp_path / "grid.png", "--trust-data")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.exists()  # the user said so: unpickled as such
     assert "100 train, 20 test, 10 classes" in proc.stdout
 
 
-def test_a_plain_pickle_layout_loads_without_trust(tmp_path):
+def test_a_plain_pickle_layout_loads_without_trust(tmp_path, capfd):
     """Batches of builtins and NumPy arrays, as the official release holds, need no flag."""
     data = tmp_path / "batches"
     write_pickle_dir(data)
-    proc = cli("data", "info", data, "--out", tmp_path / "grid.png")
+    proc = in_process(capfd, "data", "info", data, "--out", tmp_path / "grid.png")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "100 train, 20 test, 10 classes" in proc.stdout
 
 
 @pytest.mark.parametrize("bad", [42, -3, 10])
-def test_labels_outside_the_classes_are_refused_at_load(tmp_path, bad):
+def test_labels_outside_the_classes_are_refused_at_load(tmp_path, bad, capfd):
     data = tmp_path / "batches"
     write_pickle_dir(data)
     with open(data / "data_batch_2", "rb") as f:
@@ -82,12 +82,12 @@ def test_labels_outside_the_classes_are_refused_at_load(tmp_path, bad):
     batch[b"labels"][3] = bad
     with open(data / "data_batch_2", "wb") as f:
         pickle.dump(batch, f)
-    line = assert_one_line_error(cli("data", "info", data, "--out", tmp_path / "grid.png"), "data_batch_2",
-                                 str(bad), "10 classes")
+    line = assert_one_line_error(in_process(capfd, "data", "info", data, "--out", tmp_path / "grid.png"),
+                                 "data_batch_2", str(bad), "10 classes")
     assert "Traceback" not in line
 
 
-def test_concurrent_first_use_of_an_archive_gets_every_image(tmp_path):
+def test_concurrent_first_use_of_an_archive_gets_every_image(tmp_path, capfd):
     """Three processes open the same archive on an empty cache at once (with --skip-corrupt, which turned the
     race into silent data loss): each sees all images, and the one cached array file is complete."""
     write_class_folders(tmp_path / "src", per_class=(200, 20))
@@ -106,7 +106,8 @@ def test_concurrent_first_use_of_an_archive_gets_every_image(tmp_path):
             assert "600 train, 60 test, 3 classes" in out and "skipped" not in out, out
         cached = list((tmp_path / f"cache{attempt}" / "arrays").glob("*.npz"))
         assert len(cached) == 1
-        again = cli("data", "info", archive, "--out", tmp_path / "grid.png", env={"CIFARFLOW_CACHE": env["CIFARFLOW_CACHE"]})
+        again = in_process(capfd, "data", "info", archive, "--out", tmp_path / "grid.png",
+                           env={"CIFARFLOW_CACHE": env["CIFARFLOW_CACHE"]})
         assert "600 train, 60 test, 3 classes" in again.stdout, again.stderr[-2000:]
         leftovers = [p.name for p in (tmp_path / f"cache{attempt}").rglob("*") if ".tmp" in p.name or
                      p.name.startswith(".extract-")]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from clirun import in_process
 from conftest import REPO, isolate, write_class_folders
 
 TINY = ["--set", "width=0.125", "--set", "dense_units=16", "--set", "batch_size=16", "--set", "warmup_epochs=0"]
@@ -114,13 +115,15 @@ def test_the_run_explains_itself(piped_train):
     assert "cnn_small" in exp.tags["mlflow.note.content"] and exp.tags["cifarflow.recipe"] == "cnn_small"
 
 
-def test_data_info_writes_its_grid_only_where_out_says(folder_data, tmp_path):
+def test_data_info_writes_its_grid_only_where_out_says(folder_data, tmp_path, monkeypatch, capfd):
+    """In this process (the working directory is what matters, not a new interpreter)."""
     here = tmp_path / "cwd"
     here.mkdir()
-    proc = cifarflow("data", "info", str(folder_data), cwd=here)
+    monkeypatch.chdir(here)
+    proc = in_process(capfd, "data", "info", str(folder_data))
     assert proc.returncode == 0, proc.stderr
     assert "36 train, 12 test, 3 classes" in proc.stdout and list(here.iterdir()) == []
-    proc = cifarflow("data", "info", str(folder_data), "--out", str(tmp_path / "grid.png"), cwd=here)
+    proc = in_process(capfd, "data", "info", str(folder_data), "--out", str(tmp_path / "grid.png"))
     assert proc.returncode == 0 and (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
     assert list(here.iterdir()) == []
 
