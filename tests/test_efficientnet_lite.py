@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from cifarflow.models import transfer
 from cifarflow.tracking import refs
 from cifarflow.training.trainer import train
 from cifarflow.utils import sha256_file
-from conftest import post, serving
+from conftest import isolate, write_class_folders
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -59,6 +60,33 @@ def cifar_archive():
 def lite0_weights(tmp_path_factory):
     """The lite0 ImageNet checkpoint converted once for the session (its own cache folder)."""
     return el.imagenet_weights_file("lite0", cache_dir=tmp_path_factory.mktemp("lite0-keras"))
+
+
+@pytest.fixture(scope="module")
+def lite0_run_store(lite0_weights, tmp_path_factory):
+    """A tiny two-phase efficientnet_lite0 run from the ImageNet weights at 32 px, trained once for the module in
+    its own folder (MLflow store, artifacts, data, Keras cache); returns (folder, TrainResult, Keras cache)."""
+    root = tmp_path_factory.mktemp("lite0_run")
+    data = root / "train_data"
+    write_class_folders(data, per_class=(24, 6))  # as the train_data fixture
+    cache = root / "keras_models"  # Keras reads KERAS_HOME once, at import: keep the user's cache out of it
+    cache.mkdir()
+    shutil.copy(lite0_weights, cache / lite0_weights.name)  # the session's conversion, as if converted here
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(mp, root)
+        mp.setattr(transfer, "keras_models_dir", lambda: cache)
+        result = train(config.resolve("efficientnet_lite0", {  # batches of 64 > 54 images: one train-step trace a phase
+            "data": str(data), "resolution": 32, "head_epochs": 1, "fine_tune_epochs": 1, "batch_size": 64,
+            "val_fraction": 0.25, "crop_padding": 0, "limit": 40}), quiet=True)
+    return root, result, cache
+
+
+@pytest.fixture
+def lite0_run(lite0_run_store, tmp_path):
+    """The module's lite0 run, in this test's own MLflow store (a copy of the module's database)."""
+    root, result, cache = lite0_run_store
+    shutil.copyfile(root / "mlflow.db", tmp_path / "mlflow.db")
+    return root, result, cache
 
 
 def test_lite0_architecture_is_the_paper_s():
@@ -171,15 +199,9 @@ def test_missing_package_from_the_command_line_is_one_line_with_the_install_comm
 
 
 @pytest.mark.slow
-def test_imagenet_lite0_fine_tunes_registers_exports_and_serves(lite0_weights, train_data, tmp_path, monkeypatch):
-    """A tiny two-phase run from the ImageNet weights at 32 px, then register, ONNX/TFLite with parity, serve."""
-    cache = tmp_path / "keras_models"  # Keras reads KERAS_HOME once, at import: keep the user's cache out of it
-    monkeypatch.setattr(transfer, "keras_models_dir", lambda: cache)
-    cache.mkdir()
-    shutil.copy(lite0_weights, cache / lite0_weights.name)  # the session's conversion, as if converted here
-    result = train(config.resolve("efficientnet_lite0", {
-        "data": str(train_data), "resolution": 32, "head_epochs": 1, "fine_tune_epochs": 1, "batch_size": 32,
-        "val_fraction": 0.25, "crop_padding": 0, "limit": 40}), quiet=True)
+def test_imagenet_lite0_fine_tunes_from_the_converted_checkpoint(lite0_weights, lite0_run):
+    """The tiny two-phase run from the ImageNet weights (fixture lite0_run_store) names and starts from them."""
+    _, result, cache = lite0_run
     tags = MlflowClient().get_run(result.run_id).data.tags
     assert tags["cifarflow.weights_source"] == "imagenet"
     assert tags["cifarflow.weights_file"] == str(cache / lite0_weights.name)
@@ -191,6 +213,12 @@ def test_imagenet_lite0_fine_tunes_registers_exports_and_serves(lite0_weights, t
     np.testing.assert_array_equal(np.asarray(transfer.backbone_of(model).get_layer("top_bn").moving_variance),
                                   np.asarray(full.get_layer("top_bn").moving_variance))
 
+
+@pytest.mark.slow
+def test_the_lite0_champion_exports_with_parity_and_loads_anywhere(lite0_run, tmp_path):
+    """The fine-tuned lite0 registers, exports to ONNX/TFLite with parity, and the champion's pyfunc predicts the
+    same in a fresh process without cifarflow, as `mlflow models serve` loads it (the HTTP server: test_export.py)."""
+    root, result, _ = lite0_run
     version = registry.register(refs.resolve_source(result.run_id))
     name = "cifarflow-efficientnet-lite0"
     assert version.name == name
@@ -199,10 +227,14 @@ def test_imagenet_lite0_fine_tunes_registers_exports_and_serves(lite0_weights, t
     assert {r.kind for r in results} == {"onnx", "tflite_float32"}
     assert all(r.passed and r.max_abs_diff < 1e-4 for r in results)
 
-    x = datasets.load(train_data).x_test
-    ref = model.predict(x.astype(np.float32), verbose=0)
-    with serving(["models", "serve", "-m", f"models:/{name}@champion", "--env-manager", "local"],
-                 tmp_path / "serve.log", "/ping") as base:
-        status, body = post(f"{base}/invocations", json.dumps({"inputs": x.tolist()}).encode())
-        assert status == 200, body
-        assert np.abs(np.array(json.loads(body)["predictions"]) - ref).max() < 1e-5
+    x = datasets.load(root / "train_data").x_test.astype(np.float32)
+    ref = refs.load_keras(result.model_uri).predict(x, verbose=0)
+    np.save(tmp_path / "x.npy", x)
+    script = ("import json, sys, mlflow, numpy as np\n"
+              f"m = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
+              "assert 'cifarflow' not in sys.modules\n"
+              f"print(json.dumps(m.predict(np.load({str(tmp_path / 'x.npy')!r})).tolist()))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.abs(np.array(json.loads(proc.stdout.strip().splitlines()[-1])) - ref).max() < 1e-5

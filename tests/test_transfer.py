@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -133,18 +134,40 @@ def two_phase(data_dir, name, **extra):
                                  "crop_padding": 0, **extra})
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", BACKBONES)
-def test_two_phases_train_in_one_run_and_the_model_reloads(name, train_data, tmp_path):
-    cfg = two_phase(train_data, name, limit=40)
-    result = train(cfg, quiet=True)
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory):
+    """An empty MLflow SQLite store, created (schema migrations, seconds) once for the module."""
+    root = tmp_path_factory.mktemp("empty_store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # the Default experiment's artifact folder: in here
+        mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").search_experiments(max_results=1)
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def store(empty_store, tmp_path):
+    """This test's MLflow store (``isolated`` points MLFLOW_TRACKING_URI at it) starts as a copy of the empty one."""
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
+
+
+class KeepModel(keras.callbacks.Callback):
+    """Remembers the model ``fit`` trained: the trainer's model object, scored after the best weights are restored."""
+
+    kept = None
+
+    def on_train_end(self, logs=None):
+        self.kept = self.model
+
+
+def assert_two_phase_run(name, run_id):
+    """The run's tags and per-epoch metrics of a head + fine-tune run of 1 + 1 epochs, fine_tune_fraction 0.5."""
     client = mlflow.tracking.MlflowClient()
-    run = client.get_run(result.run_id)
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     tags = run.data.tags
     assert tags["cifarflow.phase"] == "fine_tune" and tags["cifarflow.phase_epochs"] == "head:0-0,fine_tune:1-1"
     assert tags["cifarflow.weights_source"] == "none"
-    steps = lambda key: [(m.step, m.value) for m in sorted(client.get_metric_history(result.run_id, key),  # noqa: E731
+    steps = lambda key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key),  # noqa: E731
                                                            key=lambda m: m.step)]
     assert [s for s, _ in steps("val_accuracy")] == [0, 1]  # one curve across both phases
     assert steps("phase") == [(0, 1.0), (1, 2.0)]
@@ -154,25 +177,61 @@ def test_two_phases_train_in_one_run_and_the_model_reloads(name, train_data, tmp
     expected = transfer.unfreeze_top(fresh, 0.5)
     assert (steps("frozen_layers")[1][1], steps("unfrozen_layers")[1][1]) == expected
     assert steps("unfrozen_layers")[0][1] == 0
+    return run
 
-    # BatchNorm ran in inference mode in both phases: its moving statistics never moved from their init
-    model = mlflow.keras.load_model(result.model_uri)
+
+def assert_batchnorm_never_moved(model):
+    """BatchNorm ran in inference mode in both phases: its moving statistics never moved from their init."""
     for mean, var in bn_stats(model):
         np.testing.assert_array_equal(mean, 0.0)
         np.testing.assert_array_equal(var, 1.0)
 
+
+# Batches of 64 > the 54 training images: one batch shape per phase, one trace of the train step per phase.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [b for b in BACKBONES if b != "mobilenetv2"])  # mobilenetv2: the CLI test below
+def test_two_phases_train_in_one_run_and_the_model_reloads(name, train_data, store, tmp_path):
+    """Per backbone: both phases train in one run; the trained model saves and reloads as .keras with its
+    predictions (MLflow's logging of it, pyfunc and a fresh process: once, for mobilenetv2, below)."""
+    keep = KeepModel()
+    result = train(two_phase(train_data, name, limit=40, batch_size=64), quiet=True, extra_callbacks=[keep],
+                   log_model=False)
+    assert_two_phase_run(name, result.run_id)
+    model = keep.kept
+    ds = datasets.load(train_data)
+    probs = model.predict(ds.x_test, verbose=0)
+    assert (probs.argmax(1) == ds.y_test).mean() == pytest.approx(result.metrics["test_accuracy"])  # the scored model
+    model.save(tmp_path / "model.keras")
+    reloaded = keras.saving.load_model(tmp_path / "model.keras", compile=False)  # as the pyfunc loads it
+    assert_batchnorm_never_moved(reloaded)
+    np.testing.assert_allclose(reloaded.predict(ds.x_test.astype(np.float32), verbose=0), probs, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_epochs_on_the_command_line_is_the_total_of_both_phases_and_the_logged_model_reloads(train_data, store,
+                                                                                             tmp_path, capsys):
+    """mobilenetv2 two-phase from the CLI (--epochs 2 = 1 + 1): the run as above, and the logged model reloads
+    with the predictions that were evaluated (Keras and pyfunc flavours, and in a fresh process)."""
+    main(["train", "mobilenetv2", "--data", str(train_data), "--epochs", "2", "--quiet",
+          "--set", "weights=none", "--set", "resolution=32", "--set", "fine_tune_fraction=0.5", "--set", "batch_size=64",
+          "--set", "val_fraction=0.25", "--set", "crop_padding=0", "--set", "early_stopping_patience=null"])
+    run = mlflow.search_runs(experiment_names=["cifarflow/mobilenetv2"], output_format="list")[0]
+    assert (run.data.params["epochs"], run.data.params["head_epochs"], run.data.params["fine_tune_epochs"]) == ("2", "1", "1")
+    assert_two_phase_run("mobilenetv2", run.info.run_id)
+    model_uri = run.data.tags["cifarflow.model_uri"]
+    model = mlflow.keras.load_model(model_uri)
+    assert_batchnorm_never_moved(model)
+
     # the logged model reloads with the predictions that were evaluated (pyfunc and Keras flavours alike)
     ds = datasets.load(train_data)
     probs = model.predict(ds.x_test, verbose=0)
-    assert (probs.argmax(1) == ds.y_test).mean() == pytest.approx(result.metrics["test_accuracy"])
-    pyfunc = np.asarray(mlflow.pyfunc.load_model(result.model_uri).predict(ds.x_test.astype(np.float32)))
+    assert (probs.argmax(1) == ds.y_test).mean() == pytest.approx(run.data.metrics["test_accuracy"])
+    pyfunc = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(ds.x_test.astype(np.float32)))
     np.testing.assert_allclose(pyfunc, probs, atol=1e-5)
-    if name != "mobilenetv2":
-        return
     # ... also in a fresh process that never imports cifarflow (built-in layers only)
     np.save(tmp_path / "x.npy", ds.x_test.astype(np.float32))
     script = ("import json, sys, mlflow, numpy as np\n"
-              f"m = mlflow.keras.load_model({result.model_uri!r})\n"
+              f"m = mlflow.keras.load_model({model_uri!r})\n"
               "assert 'cifarflow' not in sys.modules\n"
               f"print(json.dumps(m.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0).tolist()))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
@@ -182,10 +241,12 @@ def test_two_phases_train_in_one_run_and_the_model_reloads(name, train_data, tmp
 
 
 @pytest.mark.slow
-def test_source_task_weights_transfer_to_a_target_run(train_data):
-    mobile = {"alpha": 0.35, "batch_size": 32, "val_fraction": 0.25, "crop_padding": 0, "limit": 40}
+def test_source_task_weights_transfer_to_a_target_run(train_data, store):
+    mobile = {"alpha": 0.35, "batch_size": 64, "val_fraction": 0.25, "crop_padding": 0, "limit": 40}
+    keep = KeepModel()  # the trained source model (model logging: the tests above)
     source = train(config.resolve("mobilenetv2", {**SMALL, **mobile, "data": str(train_data), "epochs": 1,
-                                                  "source_task": True, "classes": ["cat", "dog"]}), quiet=True)
+                                                  "source_task": True, "classes": ["cat", "dog"]}), quiet=True,
+                   extra_callbacks=[keep], log_model=False)
     client = mlflow.tracking.MlflowClient()
     src = client.get_run(source.run_id)
     assert src.data.tags["cifarflow.phase"] == "source" and src.data.params["num_classes"] == "2"
@@ -193,14 +254,15 @@ def test_source_task_weights_transfer_to_a_target_run(train_data):
     assert uri == f"runs:/{source.run_id}/backbone.weights.h5"
     assert "backbone.weights.h5" in {a.path for a in client.list_artifacts(source.run_id)}
     # BatchNorm trained in the source task: its statistics moved
-    assert any(not np.allclose(m, 0) for m, _ in bn_stats(mlflow.keras.load_model(source.model_uri)))
+    assert any(not np.allclose(m, 0) for m, _ in bn_stats(keep.kept))
 
     # a target model given the file starts from exactly the source's backbone, and says so in its tags
     built = models.build("mobilenetv2", num_classes=2, resolution=32, alpha=0.35, weights=uri)
     tags = transfer.weights_tags(uri, built)
     assert tags["cifarflow.weights_source"] == uri
     assert tags["cifarflow.weights_sha256"] == src.data.tags["cifarflow.backbone_weights_sha256"]
-    learned = transfer.backbone_of(mlflow.keras.load_model(source.model_uri))
+    learned = transfer.backbone_of(keep.kept)
+    assert len(transfer.backbone_of(built).weights) == len(learned.weights)
     for a, b in zip(transfer.backbone_of(built).weights, learned.weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -244,17 +306,6 @@ def test_offline_imagenet_from_the_command_line(train_data, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert err.startswith("error: cannot load ImageNet weights for mobilenetv2") and "weights=PATH" in err
-
-
-@pytest.mark.slow
-def test_epochs_on_the_command_line_is_the_total_of_both_phases(train_data, capsys):
-    main(["train", "mobilenetv2", "--data", str(train_data), "--epochs", "2", "--quiet",
-          "--set", "weights=none", "--set", "resolution=32", "--set", "alpha=0.35", "--set", "batch_size=16",
-          "--set", "val_fraction=0.25", "--set", "early_stopping_patience=null"])
-    run = mlflow.search_runs(experiment_names=["cifarflow/mobilenetv2"], output_format="list")[0]
-    assert run.info.status == "FINISHED"
-    assert (run.data.params["epochs"], run.data.params["head_epochs"], run.data.params["fine_tune_epochs"]) == ("2", "1", "1")
-    assert run.data.tags["cifarflow.phase_epochs"] == "head:0-0,fine_tune:1-1"
 
 
 def test_bad_weights_files(tmp_path):
