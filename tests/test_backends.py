@@ -137,23 +137,16 @@ def test_make_dataset_picks_the_pipeline_of_the_backend():
 @pytest.mark.slow
 def test_train_and_evaluate_on_jax_without_tensorflow(tmp_path):
     """`cifarflow train resnet20` (residual blocks, BatchNorm, MixUp, alternating flip, flip TTA) then
-    `cifarflow evaluate` and a pyfunc reload under KERAS_BACKEND=jax, in processes where `import tensorflow`
+    `cifarflow evaluate` and a pyfunc reload under KERAS_BACKEND=jax, in a process where `import tensorflow`
     raises ImportError: nothing of cifarflow asks for TensorFlow."""
     import conftest
     import mlflow
 
     conftest.write_class_folders(tmp_path / "data", per_class=(16, 4))
     env = jax_env(tmp_path)
-    proc = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "cifarflow"), "train", "resnet20", "--quiet",
-         "--data", str(tmp_path / "data"), "--epochs", "2",
-         *[f"--set={kv}" for kv in ("batch_size=16", "val_fraction=0.25", "warmup_epochs=0", "mixup_alpha=0.2",
-                                    "flip=alternate", "tta=flip")]],
-        capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    model_uri = proc.stdout.strip().rsplit("model=", 1)[1]
+    # one interpreter for the three commands (a JAX + Keras start-up and its compiles each, otherwise)
     out = run_python(f"""
-        import json, sys
+        import contextlib, io, json, sys
         import numpy as np
         try:
             import tensorflow
@@ -161,13 +154,20 @@ def test_train_and_evaluate_on_jax_without_tensorflow(tmp_path):
         except ImportError:
             pass
         from cifarflow.cli import main
-        main(["evaluate", {model_uri!r}, "--fgsm-images", "4"])
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            main(["train", "resnet20", "--quiet", "--data", {str(tmp_path / "data")!r}, "--epochs", "2",
+                  *[f"--set={{kv}}" for kv in ("batch_size=16", "val_fraction=0.25", "warmup_epochs=0",
+                                               "mixup_alpha=0.2", "flip=alternate", "tta=flip")]])
+        model_uri = printed.getvalue().strip().rsplit("model=", 1)[1]
+        main(["evaluate", model_uri, "--fgsm-images", "4"])
         import mlflow
-        model = mlflow.pyfunc.load_model({model_uri!r})
+        model = mlflow.pyfunc.load_model(model_uri)
         probs = model.predict(np.zeros((3, 32, 32, 3), np.float32))
-        print(json.dumps({{"shape": list(probs.shape), "sums": probs.sum(1).tolist(),
+        print(json.dumps({{"model_uri": model_uri, "shape": list(probs.shape), "sums": probs.sum(1).tolist(),
                           "tensorflow_loaded": "tensorflow" in sys.modules}}))
     """, env)
+    model_uri = out["model_uri"]
     assert out["shape"] == [3, 3] and np.allclose(out["sums"], 1.0, atol=1e-5)
     assert out["tensorflow_loaded"] is False
     attempts = (tmp_path / "tf_attempts.log").read_text().splitlines() if (tmp_path / "tf_attempts.log").exists() else []
@@ -306,14 +306,15 @@ def test_two_processes_on_localhost_train_one_run_like_one_process(tmp_path):
             *[f"--set={kv}" for kv in ("batch_size=16", "width=0.125", "dense_units=16", "val_fraction=0.25",
                                        "warmup_epochs=0", "mixup_alpha=0.2", "flip=alternate")]]
     env = jax_env(tmp_path)
-    single = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-
+    # the single-process reference trains at the same time as the pair (the pair waits on Gloo, not the CPU)
+    single = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     port = conftest.free_port()
     workers = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
         **env, "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}", "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
         "KERAS_DISTRIBUTION_PROCESS_ID": str(i)}) for i in range(2)]
     outs = [w.communicate(timeout=600) for w in workers]
+    single_err = single.communicate(timeout=600)[1]
+    assert single.returncode == 0, single_err[-3000:]
     assert [w.returncode for w in workers] == [0, 0], [o[1][-3000:] for o in outs]
     assert outs[1][0].strip().splitlines()[-1] == "process 1 of 2: done (process 0 records the run)"  # after Gloo's
 

@@ -53,9 +53,9 @@ def test_train_and_evaluate_through_a_postgresql_backed_server(mlflow_pg_server,
     assert f"{run.data.metrics['test_accuracy']:.4f}" in capsys.readouterr().out
 
 
-def test_four_trainers_and_two_tuning_workers_at_once_one_killed_and_restarted(mlflow_pg_server, pg_database,
+def test_two_trainers_and_two_tuning_workers_at_once_one_killed_and_restarted(mlflow_pg_server, pg_database,
                                                                                 tmp_path):
-    """4 ``cifarflow train`` processes log to the server while 2 ``cifarflow tune`` workers share one study in
+    """2 ``cifarflow train`` processes log to the server while 2 ``cifarflow tune`` workers share one study in
     PostgreSQL; one worker is killed with SIGKILL mid-trial and started again. Afterwards every run, every
     per-epoch metric and every trial is accounted for, and nothing is left RUNNING."""
     data = tmp_path / "data"
@@ -64,7 +64,7 @@ def test_four_trainers_and_two_tuning_workers_at_once_one_killed_and_restarted(m
     started = time.monotonic()
     trainers = [subprocess.Popen([CIFARFLOW, "train", "simple5", "--data", str(data), "--epochs", str(epochs),
                                   "--seed", str(seed), *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True) for seed in range(4)]
+                                 text=True) for seed in range(2)]
     tune = tune_command(data, tmp_path, pg_database, trials=budget, epochs=3, heartbeat=5, study="load")
     # the victim SIGKILLs itself mid-trial, once its trial's second epoch is on disk and its first reported: a kill
     # from here after polling for that epoch raced the victim's short trials (the held trial could have ended)
@@ -91,8 +91,8 @@ def test_four_trainers_and_two_tuning_workers_at_once_one_killed_and_restarted(m
     client = mlflow.tracking.MlflowClient()
     runs = runs_of(data)
     train_runs = [r for r in runs if "cifarflow.study" not in r.data.tags]
-    assert len(train_runs) == 4 and {r.info.status for r in train_runs} == {"FINISHED"}
-    assert sorted(r.data.params["seed"] for r in train_runs) == ["0", "1", "2", "3"]
+    assert len(train_runs) == 2 and {r.info.status for r in train_runs} == {"FINISHED"}
+    assert sorted(r.data.params["seed"] for r in train_runs) == ["0", "1"]
     for r in train_runs:
         for key in EPOCH_METRICS:
             assert steps(client, r.info.run_id, key) == list(range(epochs)), (r.info.run_id, key)
@@ -115,4 +115,4 @@ def test_four_trainers_and_two_tuning_workers_at_once_one_killed_and_restarted(m
         if t.state.name == "COMPLETE":
             assert steps(client, run.info.run_id, "val_accuracy") == [0, 1, 2]
     assert not [r for r in runs + study_runs if r.info.status == "RUNNING"]
-    print(f"load test: {elapsed:.0f} s for 4 trainers + 3 tuning worker processes")
+    print(f"load test: {elapsed:.0f} s for 2 trainers + 3 tuning worker processes")
