@@ -285,7 +285,7 @@ def test_fast_recipe_optimizer_rules_on_jax():
     """The `fast` recipe's optimizer rules (per-variable learning rates, freeze_after, lookahead EMA, the
     triangular schedule) pass their own tests on JAX too (the Keras variables are read through ``.value``,
     which JAX's stateless step needs). The alternating-flip test overrides a TensorFlow-style train_step."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
                            str(Path(__file__).with_name("test_fast_training.py")),
                            "-k", "not alternating_flip_flips_every_image"],
                           capture_output=True, text=True, env={**os.environ, "KERAS_BACKEND": "jax"}, timeout=600)
