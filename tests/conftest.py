@@ -163,8 +163,10 @@ def serving(args: list[str], log_path: Path, ready: str, timeout: float = 240):
     port = free_port()
     mlflow_exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
     log = open(log_path, "wb")
+    # MLflow 3's server also starts huey job consumers (GenAI jobs, 20 processes): no test uses them
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen([mlflow_exe, *args, "-h", "127.0.0.1", "-p", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+                            stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -262,6 +264,7 @@ XDIST_GROUPS = {"lite0_weights": "lite0", "postgres": "postgres"}
 XDIST_MODULE_GROUPS = ("test_crash_resume.py", "test_ensemble.py", "test_tuning_pages.py", "test_what_users_see.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the test ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
