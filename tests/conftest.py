@@ -255,21 +255,3 @@ def mlflow_pg_server(pg_mlflow_server_url, monkeypatch):
     mlflow.set_tracking_uri(pg_mlflow_server_url)
     yield pg_mlflow_server_url
 
-
-# ---------------------------------------------------------------- pytest-xdist: what shares a worker
-
-# Tests that read one expensive fixture run on one xdist worker (``--dist loadgroup``, pyproject's addopts), so
-# it is built once, not once per worker: session fixtures by name, module fixtures by their file.
-XDIST_GROUPS = {"lite0_weights": "lite0", "postgres": "postgres"}
-XDIST_MODULE_GROUPS = ("test_crash_resume.py", "test_ensemble.py", "test_tuning_pages.py", "test_what_users_see.py")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the test ids
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        names = set(getattr(item, "fixturenames", ()))
-        group = next((g for name, g in XDIST_GROUPS.items() if name in names), None)
-        if group is None and item.path.name in XDIST_MODULE_GROUPS:
-            group = item.path.stem
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
