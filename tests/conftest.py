@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import signal
@@ -194,6 +195,22 @@ def serving(args: list[str], log_path: Path, ready: str, timeout: float = 240):
         log.close()
 
 
+def predict_in_fresh_process(flavor: str, model_uri: str, x: np.ndarray, folder: Path) -> np.ndarray:
+    """``mlflow.<flavor>.load_model(model_uri).predict(x)`` in a new interpreter that never imports cifarflow
+    (the model must load where cifarflow is not installed); ``flavor`` is ``pyfunc`` or ``keras``; ``x`` is
+    saved under ``folder``, the process's working directory. Returns the predictions."""
+    np.save(folder / "x.npy", x)
+    verbose = ", verbose=0" if flavor == "keras" else ""
+    script = ("import json, sys, mlflow, numpy as np\n"
+              f"m = mlflow.{flavor}.load_model({model_uri!r})\n"
+              "assert 'cifarflow' not in sys.modules\n"
+              f"print(json.dumps(m.predict(np.load({str(folder / 'x.npy')!r}){verbose}).tolist()))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=folder, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
 def post(url: str, body: bytes, timeout: float = 60) -> tuple[int, bytes]:
     """POST a JSON body; ``(status, body)``, also for 4xx/5xx answers."""
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
@@ -254,4 +271,3 @@ def mlflow_pg_server(pg_mlflow_server_url, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", pg_mlflow_server_url)
     mlflow.set_tracking_uri(pg_mlflow_server_url)
     yield pg_mlflow_server_url
-

@@ -9,10 +9,8 @@ pretrained pooled features far above the same probe on random weights. Full figu
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from cifarflow.models import transfer
 from cifarflow.tracking import refs
 from cifarflow.training.trainer import train
 from cifarflow.utils import sha256_file
-from conftest import isolate, write_class_folders
+from conftest import isolate, predict_in_fresh_process, write_class_folders
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -229,12 +227,4 @@ def test_the_lite0_champion_exports_with_parity_and_loads_anywhere(lite0_run, tm
 
     x = datasets.load(root / "train_data").x_test.astype(np.float32)
     ref = refs.load_keras(result.model_uri).predict(x, verbose=0)
-    np.save(tmp_path / "x.npy", x)
-    script = ("import json, sys, mlflow, numpy as np\n"
-              f"m = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
-              "assert 'cifarflow' not in sys.modules\n"
-              f"print(json.dumps(m.predict(np.load({str(tmp_path / 'x.npy')!r})).tolist()))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert np.abs(np.array(json.loads(proc.stdout.strip().splitlines()[-1])) - ref).max() < 1e-5
+    assert np.abs(predict_in_fresh_process("pyfunc", f"models:/{name}@champion", x, tmp_path) - ref).max() < 1e-5

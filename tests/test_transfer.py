@@ -5,11 +5,7 @@ All with weights=none at small resolutions on tiny data; ImageNet downloads are 
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 
 import keras
 import mlflow
@@ -22,6 +18,7 @@ from cifarflow.cli import main
 from cifarflow.errors import CifarflowError
 from cifarflow.models import transfer
 from cifarflow.training.trainer import train
+from conftest import predict_in_fresh_process
 
 BACKBONES = ("mobilenetv2", "efficientnetv2b0", "efficientnetb0", "resnet50v2")
 SMALL = {"weights": "none", "resolution": 32}
@@ -242,15 +239,8 @@ def test_epochs_on_the_command_line_is_the_total_of_both_phases_and_the_logged_m
     pyfunc = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(ds.x_test.astype(np.float32)))
     np.testing.assert_allclose(pyfunc, probs, atol=1e-5)
     # ... also in a fresh process that never imports cifarflow (built-in layers only)
-    np.save(tmp_path / "x.npy", ds.x_test.astype(np.float32))
-    script = ("import json, sys, mlflow, numpy as np\n"
-              f"m = mlflow.keras.load_model({model_uri!r})\n"
-              "assert 'cifarflow' not in sys.modules\n"
-              f"print(json.dumps(m.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0).tolist()))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    np.testing.assert_allclose(np.array(json.loads(proc.stdout.strip().splitlines()[-1])), probs, atol=1e-5)
+    fresh = predict_in_fresh_process("keras", model_uri, ds.x_test.astype(np.float32), tmp_path)
+    np.testing.assert_allclose(fresh, probs, atol=1e-5)
 
 
 @pytest.mark.slow
