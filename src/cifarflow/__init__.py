@@ -3,11 +3,12 @@
 The Python API (:mod:`cifarflow.api`, imported on first use): :func:`train`,
 :func:`tune`, :func:`evaluate`, :func:`compare`, :func:`ensemble`,
 :func:`register`, :func:`promote`, :func:`export`, :func:`pull`,
-:func:`load_model`. See docs/python-api.md.
+:func:`predict`, :func:`load_model`. See docs/python-api.md.
 """
 
 __version__ = "0.1.0"
-__all__ = ["train", "tune", "evaluate", "compare", "ensemble", "register", "promote", "export", "pull", "load_model"]
+__all__ = ["train", "tune", "evaluate", "compare", "ensemble", "register", "promote", "export", "pull", "predict",
+           "load_model"]
 
 
 def __getattr__(name: str):

@@ -143,6 +143,29 @@ def pull(model: str, dest: str | Path, *, fmt: str = "keras", quantize: str = "n
     return puller.pull(model, fmt, Path(dest), quantize=quantize)
 
 
+def predict(model: str, paths: Sequence[str | Path], *, out: str | Path | None = None, batch_size: int = 256,
+            tta: str = "none", skip_corrupt: bool = False):
+    """The labels of image files, folders (recursive) and .tar.gz/.zip archives by a model (``cifarflow predict``).
+
+    Args:
+        model: ``NAME@ALIAS``, ``models:/...``, ``runs:/RUN_ID`` or a run id (a Keras model or an ensemble).
+        paths: image files, folders, archives.
+        out: also write the table there (.csv, .json or .parquet).
+        batch_size, tta, skip_corrupt: as the command's options.
+
+    Returns:
+        A pandas DataFrame: ``path``, ``label``, ``probability``, one probability column per class.
+
+    Raises:
+        CifarflowError: an unknown model, a missing path, no image, unreadable
+            images (unless ``skip_corrupt``), an unknown ``out`` format.
+    """
+    from cifarflow.deploy import predict as predictor
+
+    return predictor.predict(model, [str(p) for p in paths], None if out is None else str(out), batch_size=batch_size,
+                             tta=tta, skip_corrupt=skip_corrupt, progress=False).table
+
+
 def load_model(model: str):
     """The Keras model of a reference (as :func:`evaluate` takes): raw 0..255 pixels
     ``(batch, 32, 32, 3)`` in, softmax probabilities out."""

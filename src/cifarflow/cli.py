@@ -1,4 +1,4 @@
-"""Command line: `cifarflow train`, `tune`, `evaluate`, `compare`, `ensemble`, `data info`, `register`, `promote`, `export`, `pull`, with one-line errors for fixable problems."""
+"""Command line: `cifarflow train`, `tune`, `evaluate`, `compare`, `ensemble`, `data info`, `register`, `promote`, `export`, `pull`, `predict`, with one-line errors for fixable problems."""
 
 from __future__ import annotations
 
@@ -429,6 +429,50 @@ def pull(model, fmt, quantize, dest) -> None:
 
     path = pull_version(model, fmt, Path(dest), quantize=quantize)
     click.echo(f"{path} and {Path(dest) / 'model_card.json'}")
+
+PREDICT_EXAMPLES = """Examples:
+
+\b
+  cifarflow predict cifarflow-cnn@champion photos/ --out preds.csv
+  cifarflow predict RUN_ID cat.jpg dog.png --out -          CSV on stdout, nothing else
+  cifarflow predict models:/m-... images.tar.gz --tta flip --skip-corrupt --out preds.parquet
+"""
+
+
+def _predict_out(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--out: a known format (.csv, .json, .parquet or -) in a writable folder, refused before any work."""
+    from cifarflow.deploy.predict import check_out
+
+    check_out(value)
+    if value != "-":
+        check_output(value, "--out", folder=False)
+    return value
+
+
+@cli.command("predict", epilog=PREDICT_EXAMPLES)
+@click.argument("model")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("--out", default="-", show_default=True, callback=_predict_out,
+              help="preds.csv, .json or .parquet; - writes CSV to stdout (and nothing else).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images decoded and predicted at a time.")
+@click.option("--tta", type=click.Choice(list(TTA_MODES)), default="none", show_default=True,
+              help="Average each image's probabilities with its mirror's (flip) or airbench's six views.")
+@click.option("--skip-corrupt", is_flag=True, help="Leave unreadable files out (one line each on stderr) instead of failing.")
+@click.option("--quiet", is_flag=True, help="No progress bar (it is shown on stderr when that is a terminal).")
+def predict_command(model, paths, out, batch_size, tta, skip_corrupt, quiet) -> None:
+    """Label the images in PATH... (files, folders, .tar.gz/.zip) with MODEL (NAME@ALIAS, models:/..., run id).
+
+    Columns: path, label, probability, then one probability per class.
+    """
+    from cifarflow.deploy.predict import predict
+
+    result = predict(model, paths, out, batch_size=batch_size, tta=tta, skip_corrupt=skip_corrupt,
+                     progress=False if quiet else None, report=lambda line: click.echo(line, err=True))
+    if out != "-":
+        skipped = f", {len(result.unreadable)} unreadable skipped" if result.unreadable else ""
+        click.echo(f"{len(result.table)} images -> {out}{skipped}")
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the click group; fixable errors exit 2 with one line on stderr."""

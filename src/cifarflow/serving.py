@@ -4,14 +4,29 @@ Self-contained (NumPy, Keras and MLflow only): :func:`cifarflow.tracking.log_ker
 copies this file into each logged model's ``code/`` folder as ``cifarflow_serving.py``
 and names it the pyfunc loader, so a model predicts the same wherever it is served.
 
-The wrapper takes raw 0..255 RGB pixels (N, 32, 32, 3), refuses NaN, infinite and
-out-of-range values (MLflow's INVALID_PARAMETER_VALUE: HTTP 400 from the server) and
-predicts without progress output, so `mlflow models predict` writes nothing but JSON.
+The wrapper takes two inputs (:func:`model_input`) and predicts without progress output,
+so `mlflow models predict` writes nothing but JSON:
+
+- raw 0..255 RGB pixels (N, 32, 32, 3), answered with the softmax probabilities (N, C)
+  float32; NaN, infinite and out-of-range values are refused;
+- a DataFrame with a column ``image`` of encoded images (JPEG, PNG, any size and mode;
+  raw bytes, or base64 strings as JSON carries them), decoded by :func:`decode_image`,
+  the function the training data path decodes its files with, and answered with a
+  DataFrame (:func:`prediction_table`): ``label``, ``probability``, one column per class.
+
+Refused input raises MLflow's INVALID_PARAMETER_VALUE (HTTP 400 from the server) with
+one line naming the problem (and the row of an image that does not decode).
+MLflow signatures are one schema, so no signature can hold both inputs: the model is
+logged without one (see :func:`cifarflow.tracking.log_keras_model`) and checks its
+input here.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import io
 import os
 import sys
 
@@ -19,6 +34,14 @@ import numpy as np
 
 PIXEL_RANGE = (0, 255)
 LOADER_MODULE = "cifarflow_serving"  # this file's name inside a logged model's code/ folder
+IMAGE_SIZE = 32  # side in pixels of the images every model takes; encoded images of any size are resized to it
+IMAGE_COLUMN = "image"  # the DataFrame column of encoded images
+MAX_IMAGES = 1024  # encoded images one predict call (one HTTP request) decodes at most; more: INVALID_PARAMETER_VALUE
+PREDICT_BATCH = 256  # images per forward pass
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)  # also the class names of models logged before their class names were recorded (10 outputs)
 
 
 def pixel_problem(x) -> str | None:
@@ -44,6 +67,148 @@ def pixel_problem(x) -> str | None:
     image = int(np.argwhere(bad)[0][0]) if x.ndim > 1 else 0
     first = x[bad].flat[0]
     return f"{int(bad.sum())} pixel value(s) not in 0..255 (first: {float(first)} in image {image})"
+
+
+class ImageSizeError(ValueError):
+    """An image that is not 32x32 where resizing was not asked for; ``size`` is ``"WxH"``."""
+
+    def __init__(self, size: str) -> None:
+        self.size = size
+        super().__init__(f"{size} pixels, not {IMAGE_SIZE}x{IMAGE_SIZE}")
+
+
+def decode_image(image, *, resize: bool = True) -> np.ndarray:
+    """Decode one encoded image as the models take it: the one decoder of training data and served images.
+
+    Pillow opens it (JPEG, PNG, ...), it is converted to RGB (grayscale, RGBA,
+    palette and CMYK images alike) and, when not 32x32, resized with bilinear
+    interpolation (``PIL.Image.Resampling.BILINEAR``).
+
+    Args:
+        image: the encoded file's bytes, a path, or a binary file object.
+        resize: resize images of another size; else raise :class:`ImageSizeError`.
+
+    Returns:
+        uint8 array (32, 32, 3), RGB, values 0..255.
+
+    Raises:
+        ImageSizeError: not 32x32 and ``resize`` is false.
+        ValueError: not a readable image (the message is one line).
+    """
+    from PIL import Image
+
+    source = io.BytesIO(bytes(image)) if isinstance(image, (bytes, bytearray, memoryview)) else image
+    try:
+        with Image.open(source) as im:
+            im.load()
+            im = im.convert("RGB")
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                if not resize:
+                    raise ImageSizeError(f"{im.size[0]}x{im.size[1]}")
+                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except ImageSizeError:
+        raise
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for broken files
+        raise ValueError(" ".join(f"not a readable image ({type(exc).__name__}: {exc})".split())) from None
+
+
+def image_bytes(value) -> bytes:
+    """The encoded image in one cell of the ``image`` column: raw bytes as given, or a base64 string
+    decoded (whitespace and a ``data:image/...;base64,`` prefix allowed).
+
+    Raises:
+        ValueError: neither bytes nor a base64 string.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        text = "".join(value.split())
+        if text.startswith("data:") and "," in text:
+            text = text.split(",", 1)[1]
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("not base64: send the image file's bytes base64-encoded") from None
+    raise ValueError(f"a {type(value).__name__}, not bytes or a base64 string")
+
+
+def _invalid(message: str):
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(" ".join(message.split()))
+
+
+def model_input(data) -> tuple[np.ndarray, bool]:
+    """The pixels a pyfunc predicts on, from either input it takes; ``(pixels, images)``.
+
+    Args:
+        data: a DataFrame with a column ``image`` (:data:`IMAGE_COLUMN`) of
+            encoded images (bytes or base64 strings, see :func:`image_bytes`),
+            at most :data:`MAX_IMAGES` rows; or raw RGB pixels 0..255, an
+            array-like (or a DataFrame of them) of shape (N, 32, 32, 3).
+
+    Returns:
+        float32 pixels (N, 32, 32, 3), and whether they came from encoded images
+        (then the pyfunc answers a :func:`prediction_table`).
+
+    Raises:
+        MlflowException: INVALID_PARAMETER_VALUE (HTTP 400) with one line: an
+            empty image batch, more than :data:`MAX_IMAGES` images, a cell that
+            is no image (naming its row), pixels of another shape, or NaN,
+            infinite or out-of-range pixel values.
+    """
+    columns = getattr(data, "columns", None)
+    if columns is not None and IMAGE_COLUMN in columns:
+        values = list(data[IMAGE_COLUMN])
+        if not values:
+            raise _invalid(f"empty batch: no row in column '{IMAGE_COLUMN}' (send one or more encoded images)")
+        if len(values) > MAX_IMAGES:
+            raise _invalid(f"{len(values)} images in one batch, more than {MAX_IMAGES} "
+                           f"(send them in batches of at most {MAX_IMAGES})")
+        x = np.empty((len(values), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        for row, value in enumerate(values):
+            try:
+                x[row] = decode_image(image_bytes(value))
+            except ValueError as exc:
+                raise _invalid(f"row {row} of column '{IMAGE_COLUMN}': {exc} "
+                               "(send JPEG or PNG files, base64-encoded in JSON)") from None
+        return x.astype(np.float32), True
+    if hasattr(data, "to_numpy"):  # a DataFrame of pixels
+        data = data.to_numpy()
+    problem = pixel_problem(data)
+    if problem:
+        raise _invalid(f"{problem}: the model takes raw RGB pixels 0..255")
+    x = np.asarray(data, dtype=np.float32)
+    if x.ndim != 4 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise _invalid(f"pixels of shape {x.shape}: the model takes raw RGB pixels (N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3) "
+                       f"or a DataFrame column '{IMAGE_COLUMN}' of encoded images")
+    return x, False
+
+
+def class_names_of(model_config: dict | None, num_classes: int) -> list[str]:
+    """The class names a logged model recorded (``class_names`` of its pyfunc ``model_config``); for
+    models logged before they were recorded, CIFAR-10's names (10 classes) or ``class_<i>``."""
+    names = list((model_config or {}).get("class_names") or [])
+    if len(names) == num_classes:
+        return [str(n) for n in names]
+    return list(CIFAR10_CLASSES) if num_classes == len(CIFAR10_CLASSES) else [f"class_{i}" for i in range(num_classes)]
+
+
+def prediction_table(probs: np.ndarray, class_names):
+    """The answer to encoded images: a DataFrame, one row per image, columns ``label`` (the top class's
+    name), ``probability`` (its probability) and one probability column per class name.
+
+    Args:
+        probs: float probabilities (N, C).
+        class_names: C names, name i for column i of ``probs``.
+    """
+    import pandas as pd
+
+    probs = np.asarray(probs, dtype=np.float32)
+    top = probs.argmax(axis=1)
+    table = pd.DataFrame({"label": [class_names[i] for i in top], "probability": probs[np.arange(len(probs)), top]})
+    return pd.concat([table, pd.DataFrame(probs, columns=list(class_names))], axis=1)
 
 
 @contextlib.contextmanager
@@ -127,37 +292,40 @@ def import_tensorflow_quietly() -> None:
 class KerasClassifier:
     """What ``mlflow.pyfunc.load_model`` wraps for a cifarflow Keras model."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, class_names=None) -> None:
         self.model = model
+        self.class_names = class_names_of({"class_names": class_names}, int(model.output_shape[-1]))
 
     def get_raw_model(self):
         """The Keras model."""
         return self.model
 
-    def predict(self, data, params=None) -> np.ndarray:
-        """Softmax probabilities (N, C) float32 of raw pixels ``data`` (N, 32, 32, 3), silently.
+    def predict(self, data, params=None):
+        """Predict, silently, on either input of :func:`model_input`.
+
+        Returns:
+            For raw pixels (N, 32, 32, 3): the softmax probabilities, float32
+            array (N, C). For a DataFrame column ``image`` of encoded images: a
+            :func:`prediction_table` (``label``, ``probability``, one column per class).
 
         Raises:
-            MlflowException: INVALID_PARAMETER_VALUE for NaN, infinite or
-                out-of-range pixels.
+            MlflowException: INVALID_PARAMETER_VALUE for input :func:`model_input` refuses.
         """
-        from mlflow.exceptions import MlflowException
-
-        if hasattr(data, "to_numpy"):  # a DataFrame
-            data = data.to_numpy()
-        problem = pixel_problem(data)
-        if problem:
-            raise MlflowException.invalid_parameter_value(f"{problem}: the model takes raw RGB pixels 0..255")
-        x = np.asarray(data, dtype=np.float32)
-        return np.asarray(self.model.predict(x, batch_size=256, verbose=0), dtype=np.float32)
+        x, images = model_input(data)
+        probs = np.asarray(self.model.predict(x, batch_size=PREDICT_BATCH, verbose=0), dtype=np.float32)
+        return prediction_table(probs, self.class_names) if images else probs
 
 
-def _load_pyfunc(path: str) -> KerasClassifier:
-    """MLflow's pyfunc loader: the Keras model that ``mlflow.keras`` saved in the model folder ``path``."""
+def _load_pyfunc(path: str, model_config: dict | None = None) -> KerasClassifier:
+    """MLflow's pyfunc loader: the Keras model that ``mlflow.keras`` saved in the model folder ``path``,
+    with the ``class_names`` of the pyfunc flavor's ``model_config``."""
     import_tensorflow_quietly()
     import keras
     import yaml
 
     with open(os.path.join(path, "MLmodel")) as f:
-        data = yaml.safe_load(f)["flavors"]["keras"].get("data", "data")
-    return KerasClassifier(keras.saving.load_model(os.path.join(path, data, "model.keras"), compile=False))
+        flavors = yaml.safe_load(f)["flavors"]
+    data = flavors["keras"].get("data", "data")
+    config = model_config or flavors.get("python_function", {}).get("config") or {}  # MLflow's key of model_config
+    model = keras.saving.load_model(os.path.join(path, data, "model.keras"), compile=False)
+    return KerasClassifier(model, config.get("class_names"))

@@ -19,13 +19,9 @@ import numpy as np
 from filelock import FileLock
 
 from cifarflow.errors import CifarflowError
+from cifarflow.serving import CIFAR10_CLASSES, IMAGE_SIZE, ImageSizeError, decode_image
 from cifarflow.utils import sha256_file
 
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)
-IMAGE_SIZE = 32
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 log = logging.getLogger(__name__)  # progress lines; the CLI shows them
 _CACHE_FORMAT = "v1"  # bump when the cached array layout changes
@@ -525,20 +521,14 @@ def _list_split(split_dir: Path) -> dict[str, list[Path]]:
     return files
 
 
-def _decode(path: Path, resize: bool) -> np.ndarray | None:
-    """Decode one image to uint8 (32, 32, 3); None if unreadable; str if wrong size."""
-    from PIL import Image
-
+def _decode(path: Path, resize: bool) -> np.ndarray | str | None:
+    """Decode one image file with :func:`cifarflow.serving.decode_image` (the decoder of served images
+    too) to uint8 (32, 32, 3); None if unreadable; ``"WxH"`` if not 32x32 and not ``resize``."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert("RGB")
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                if not resize:
-                    return f"{im.size[0]}x{im.size[1]}"
-                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except Exception:
+        return decode_image(path, resize=resize)
+    except ImageSizeError as exc:
+        return exc.size
+    except ValueError:
         return None
 
 

@@ -14,7 +14,19 @@ from mlflow.exceptions import MlflowException
 from cifarflow.deploy.export import EXPORT_FIGURES, artifact_name, kind_of
 from cifarflow.deploy.registry import CARD_METRICS
 from cifarflow.errors import CifarflowError
+from cifarflow.serving import IMAGE_COLUMN, MAX_IMAGES
 from cifarflow.tracking.refs import download_run_artifact, load_keras, mlflow_client, VersionRef, resolve_version
+
+
+# The pyfunc's second input (``--format mlflow``): docs/registry-and-deployment.md, "Images in, labels out".
+IMAGE_INPUT = {
+    "name": IMAGE_COLUMN, "type": "DataFrame column", "max_rows": MAX_IMAGES,
+    "values": "encoded images (JPEG, PNG; any size and mode) as bytes, or base64 strings in JSON "
+              "(dataframe_split / dataframe_records)",
+    "decoding": "inside the model, as the training data: Pillow, converted to RGB, bilinear resize to 32x32",
+    "output": "one row per image: label (class name), probability, then one probability column per class",
+    "signature": "none logged: one MLflow schema cannot admit both inputs; the model checks its input (HTTP 400)",
+}
 
 
 def model_card(ref: VersionRef, fmt: str, file_name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -41,7 +53,9 @@ def model_card(ref: VersionRef, fmt: str, file_name: str, extra: dict[str, Any] 
                   "channels": "RGB", "range": [0, 255]},
         "output": {"shape": [None, len(classes) or None], "dtype": "float32",
                    "meaning": "softmax probabilities, column i is classes[i]"},
-        "preprocessing": "none: feed raw 0..255 RGB pixels as decoded from the image files, 32x32; "
+        **({"image_input": IMAGE_INPUT} if fmt == "mlflow" else {}),
+        "preprocessing": "none: feed raw 0..255 RGB pixels as decoded from the image files, 32x32 "
+                         "(Pillow, converted to RGB, bilinear resize: cifarflow.serving.decode_image); "
                          "scaling and normalization are inside the model",
         "metrics": {k: metrics[k] for k in CARD_METRICS if k in metrics},
         "dataset_sha256": mv.tags.get("cifarflow.dataset_sha256"),

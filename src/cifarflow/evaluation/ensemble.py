@@ -125,21 +125,24 @@ def scorer(refs: Sequence[str], method: str, weights: Sequence[float] | None, da
     return (ds, *voting_functions([m.model for m in members], method, weights, batch_size))
 
 
-def log_pyfunc(models: Sequence, method: str, weights: Sequence[float], x_example: np.ndarray,
-               probs_example: np.ndarray, name: str = "model"):
+def log_pyfunc(models: Sequence, method: str, weights: Sequence[float], class_names: Sequence[str],
+               name: str = "model"):
     """Log the ensemble as an MLflow pyfunc LoggedModel in the active run.
 
     The model's code is :mod:`cifarflow.evaluation.voting` (self-contained), its
-    artifacts the members as ``member_<i>.keras``, its config ``method`` and
-    ``weights``; the signature is raw pixels float32 (-1, 32, 32, 3) to
-    probabilities float32 (-1, C), with one test image as input example; NaN, infinite and
-    out-of-range pixels are refused (:func:`cifarflow.serving.pixel_problem`, logged beside
-    the code). Requirements are pinned to this environment's mlflow, keras, numpy and backend.
+    artifacts the members as ``member_<i>.keras``, its config ``method``,
+    ``weights`` and ``class_names``. It takes what one logged Keras model takes
+    (:func:`cifarflow.serving.model_input`, logged beside the code): raw pixels
+    (N, 32, 32, 3) answered with probabilities (N, C), or a DataFrame column
+    ``image`` of encoded images answered with ``label``, ``probability`` and one
+    column per class; so, like it, it is logged without a signature (one schema
+    cannot hold both, see :func:`cifarflow.tracking.log_keras_model`).
+    Requirements are pinned to this environment's mlflow, keras, numpy, pillow and backend.
 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri`` is ``models:/<model_id>``).
     """
-    from mlflow.models import infer_signature
+    import logging
 
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {}
@@ -147,16 +150,16 @@ def log_pyfunc(models: Sequence, method: str, weights: Sequence[float], x_exampl
             path = Path(tmp) / f"member_{i}.keras"
             model.save(path)
             artifacts[f"member_{i}"] = str(path)
-        code = Path(tmp) / f"{serving.LOADER_MODULE}.py"  # voting.py's pixel check, importable without cifarflow
+        code = Path(tmp) / f"{serving.LOADER_MODULE}.py"  # voting.py's input checks and decoder, without cifarflow
         shutil.copyfile(serving.__file__, code)
-        return mlflow.pyfunc.log_model(
-            name=name, python_model=voting.__file__, artifacts=artifacts, code_paths=[str(code)],
-            model_config={"method": method, "weights": [float(w) for w in weights]},
-            # MLflow also logs the config as run params: `weights` must read as ensemble() logged it
-            signature=infer_signature(np.asarray(x_example, np.float32), probs_example),
-            input_example=np.asarray(x_example[:1], np.float32),  # the pyfunc flavor takes one (unlike keras, #16183)
-            pip_requirements=tracking.model_requirements(),
-        )
+        with tracking.logger_level("mlflow.pyfunc", logging.ERROR):  # "Failed to infer model signature": on purpose
+            return mlflow.pyfunc.log_model(
+                name=name, python_model=voting.__file__, artifacts=artifacts, code_paths=[str(code)],
+                # MLflow also logs the config as run params: `weights` must read as ensemble() logged it
+                model_config={"method": method, "weights": [float(w) for w in weights],
+                              "class_names": [str(c) for c in class_names]},
+                pip_requirements=tracking.model_requirements(),
+            )
 
 
 def ensemble(refs: Sequence[str], method: str = "soft", weights: Sequence[float] | None = None, *,
@@ -217,6 +220,6 @@ def ensemble(refs: Sequence[str], method: str = "soft", weights: Sequence[float]
         totals = {k: sum(m.run.data.metrics.get(k, 0.0) for m in members)
                   for k in ("param_count", "trainable_param_count", "train_seconds")}
         mlflow.log_metrics(totals)
-        info = log_pyfunc(models, method, weights, ds.x_test[:4], predict(ds.x_test[:4], "none"))
+        info = log_pyfunc(models, method, weights, ds.class_names)
         mlflow.set_tag("cifarflow.model_uri", info.model_uri)
     return EnsembleResult(run.info.run_id, info.model_uri, {**scored.metrics, **totals}, member_accuracy)

@@ -99,15 +99,32 @@ def predict_probs(model, x: np.ndarray, tta: str = "none", batch_size: int = 256
         raise CifarflowError(problem, "pass images as decoded from their files: RGB values 0..255, no NaN")
     from cifarflow.data.pipeline import predict
 
+    return tta_probs(lambda view: predict(model, view, batch_size), x, tta)
+
+
+def tta_probs(forward, x: np.ndarray, tta: str = "none") -> np.ndarray:
+    """The test-time augmentation of :func:`predict_probs` around any ``forward`` pass.
+
+    Args:
+        forward: float32 pixels (N, 32, 32, 3) -> probabilities (N, C), e.g. a
+            Keras model's or a pyfunc model's predict.
+        x: images (N, 32, 32, 3), 0..255.
+        tta: ``"none"``, ``"flip"`` or ``"multiview"`` (see :func:`predict_probs`).
+
+    Returns:
+        float32 array (N, C).
+
+    Raises:
+        ValueError: unknown ``tta``.
+    """
     x = np.asarray(x, dtype=np.float32)
     if tta == "multiview":
-        logp = sum(weight * np.log(np.maximum(predict(model, view, batch_size), 1e-30))
-                   for weight, view in multiview(x))
+        logp = sum(weight * np.log(np.maximum(np.asarray(forward(view)), 1e-30)) for weight, view in multiview(x))
         probs = np.exp(logp - logp.max(axis=1, keepdims=True))
         return np.asarray(probs / probs.sum(axis=1, keepdims=True), dtype=np.float32)
-    probs = predict(model, x, batch_size)
+    probs = np.asarray(forward(x))
     if tta == "flip":
-        probs = (probs + predict(model, x[:, :, ::-1, :], batch_size)) / 2
+        probs = (probs + np.asarray(forward(x[:, :, ::-1, :]))) / 2
     elif tta != "none":
         raise ValueError(f"unknown tta '{tta}' (use {', '.join(TTA_MODES)})")
     return np.asarray(probs, dtype=np.float32)

@@ -1,8 +1,8 @@
 """Voting of member probabilities (soft/hard) and the MLflow pyfunc model file that serves a voting ensemble.
 
-This file is self-contained (numpy, keras and mlflow, plus :mod:`cifarflow.serving`,
-which is logged beside it as ``cifarflow_serving.py``): `cifarflow ensemble` logs it
-as the model's code ("models from code"), so a registered ensemble loads and serves
+This file is self-contained (numpy, keras and mlflow, plus :mod:`cifarflow.serving`, the input
+checks and the image decoder, which is logged beside it as ``cifarflow_serving.py``): `cifarflow
+ensemble` logs it as the model's code ("models from code"), so a registered ensemble loads and serves
 where cifarflow itself is not installed.
 """
 
@@ -15,9 +15,11 @@ import mlflow.pyfunc
 import numpy as np
 
 try:
-    from cifarflow.serving import pixel_problem
+    from cifarflow.serving import PREDICT_BATCH, class_names_of, prediction_table
+    from cifarflow.serving import model_input as checked_input
 except ImportError:  # served from the logged model's code/ folder, without cifarflow installed
-    from cifarflow_serving import pixel_problem
+    from cifarflow_serving import PREDICT_BATCH, class_names_of, prediction_table
+    from cifarflow_serving import model_input as checked_input
 
 METHODS = ("soft", "hard")
 TIE_BREAK = 1e-6  # share added to the winner of a tied hard vote, so that argmax finds it
@@ -70,10 +72,13 @@ def combine(probs: Sequence[np.ndarray], method: str = "soft", weights: Sequence
 
 
 class VotingEnsemble(mlflow.pyfunc.PythonModel):
-    """pyfunc model: raw 0..255 pixels (N, 32, 32, 3) float32 in, the members' combined probabilities (N, C) out.
+    """pyfunc model: raw 0..255 pixels (N, 32, 32, 3) in, the members' combined probabilities (N, C)
+    float32 out; or a DataFrame column ``image`` of encoded images in, a table of ``label``,
+    ``probability`` and one column per class out (:func:`cifarflow.serving.model_input`, the same
+    inputs as one logged Keras model).
 
     Artifacts ``member_0`` ... ``member_<M-1>`` are ``.keras`` files; the
-    model config holds ``method`` and ``weights``.
+    model config holds ``method``, ``weights`` and ``class_names``.
     """
 
     def load_context(self, context) -> None:
@@ -84,13 +89,17 @@ class VotingEnsemble(mlflow.pyfunc.PythonModel):
         self.members = [keras.saving.load_model(context.artifacts[k], compile=False) for k in names]
         self.method = config.get("method", "soft")
         self.weights = config.get("weights")
+        self.class_names = class_names_of(config, int(self.members[0].output_shape[-1]))
 
-    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
-        problem = pixel_problem(model_input)
-        if problem:  # NaN, infinite or out-of-range pixels: HTTP 400 from `mlflow models serve`
-            raise mlflow.exceptions.MlflowException.invalid_parameter_value(f"{problem}: the model takes raw RGB pixels 0..255")
-        x = np.asarray(model_input, dtype=np.float32)
-        return combine([m.predict(x, verbose=0) for m in self.members], self.method, self.weights)
+    def predict(self, context, model_input: np.ndarray, params=None):
+        """The ensemble's probabilities (N, C) of raw pixels, or the :func:`cifarflow.serving.prediction_table`
+        of encoded images (a DataFrame ``model_input``: the ``np.ndarray`` hint is one MLflow validates
+        nothing against, and without a hint it warns); input it refuses raises MlflowException
+        INVALID_PARAMETER_VALUE (HTTP 400)."""
+        x, images = checked_input(model_input)
+        probs = combine([m.predict(x, batch_size=PREDICT_BATCH, verbose=0) for m in self.members], self.method,
+                        self.weights)
+        return prediction_table(probs, self.class_names) if images else probs
 
 
 if __name__ != "cifarflow.evaluation.voting":  # loaded by MLflow as a logged model's code

@@ -489,31 +489,49 @@ class EpochLogger(keras.callbacks.Callback):
         mlflow.log_metrics(self.epoch_metrics(epoch, logs), step=epoch)
 
 
+@contextlib.contextmanager
+def logger_level(name: str, level: int):
+    """Set logger ``name`` to ``level`` inside the block (to hold back a message known not to apply)."""
+    logger = logging.getLogger(name)
+    saved = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
 class _ServedKerasFlavor:
     """``mlflow.models.Model.log`` flavor: ``mlflow.keras``'s files and ``keras`` flavor, and
-    :mod:`cifarflow.serving` as the pyfunc loader (copied into the model's ``code/``)."""
+    :mod:`cifarflow.serving` as the pyfunc loader (copied into the model's ``code/``), with the class
+    names as the pyfunc flavor's ``model_config``."""
 
     __name__ = "cifarflow.serving"
 
     @staticmethod
-    def save_model(path, mlflow_model, keras_model, signature, pip_requirements=None):
+    def save_model(path, mlflow_model, keras_model, class_names, pip_requirements=None):
         import shutil
 
         from cifarflow import serving
 
-        mlflow.keras.save_model(keras_model, path, mlflow_model=mlflow_model, signature=signature,
-                                pip_requirements=pip_requirements)
+        with logger_level("mlflow.keras.save", logging.ERROR):  # "without specifying model signature": on purpose
+            mlflow.keras.save_model(keras_model, path, mlflow_model=mlflow_model, pip_requirements=pip_requirements)
         code = Path(path) / "code"
         code.mkdir(exist_ok=True)
         shutil.copyfile(serving.__file__, code / f"{serving.LOADER_MODULE}.py")
         pyfunc = mlflow_model.flavors["python_function"]
-        pyfunc.update({"loader_module": serving.LOADER_MODULE, "code": "code"})
+        pyfunc.update({"loader_module": serving.LOADER_MODULE, "code": "code",  # "config": MLflow's model_config
+                       "config": {"class_names": [str(c) for c in class_names]}})
         mlflow_model.save(str(Path(path) / "MLmodel"))
 
 
 def model_requirements() -> list[str]:
-    """pip requirements of a logged model, pinned to this environment: mlflow, keras, numpy and the backend."""
-    pins = [f"mlflow=={mlflow.__version__}", f"keras=={keras.__version__}", f"numpy=={np.__version__}"]
+    """pip requirements of a logged model, pinned to this environment: mlflow, keras, numpy, pillow (the
+    pyfunc decodes encoded images) and the backend."""
+    import PIL
+
+    pins = [f"mlflow=={mlflow.__version__}", f"keras=={keras.__version__}", f"numpy=={np.__version__}",
+            f"pillow=={PIL.__version__}"]
     backend = keras.backend.backend()
     pins += [f"{backend}=={version}" for version in backend_version().values()]
     if backend == "jax":
@@ -523,24 +541,32 @@ def model_requirements() -> list[str]:
     return pins
 
 
-def log_keras_model(model: keras.Model, x_example: np.ndarray, name: str = "model"):
+def log_keras_model(model: keras.Model, class_names, name: str = "model"):
     """Log ``model`` as an MLflow LoggedModel: ``keras`` flavor plus the pyfunc of :mod:`cifarflow.serving`.
 
     ``mlflow.keras.load_model`` returns the Keras model as usual; the pyfunc
     (``mlflow models serve/predict``, ``mlflow.pyfunc.load_model``) predicts
-    without progress output and refuses NaN, infinite and out-of-range pixels
-    (HTTP 400). ``mlflow.keras.log_model(..., input_example=...)`` fails with
-    ``FileNotFoundError: .../input_example.json`` (mlflow issue #16183), so the
-    signature is inferred from ``x_example`` (float32 raw pixels) and the
-    model's output on it. Requirements are pinned to this environment
+    without progress output on raw pixels (N, 32, 32, 3) 0..255 (answering
+    probabilities) or on a DataFrame column ``image`` of encoded JPEG/PNG images
+    (answering ``label``, ``probability`` and one column per class name), and
+    refuses bad input with HTTP 400 (:func:`cifarflow.serving.model_input`).
+
+    No signature is logged: an MLflow signature is one schema (a pixel tensor or
+    columns), and MLflow refuses, before the model sees it, any input that does
+    not match it, so a signature would refuse one of the two inputs;
+    ``docs/registry-and-deployment.md`` and the pulled ``model_card.json``
+    describe both. Requirements are pinned to this environment
     (:func:`model_requirements`), not inferred (which loads the model once more).
+
+    Args:
+        model: the Keras model (raw 0..255 pixels in, softmax probabilities out).
+        class_names: one name per output, recorded as the pyfunc flavor's
+            ``model_config`` (``class_names``): the labels of image predictions.
 
     Returns:
         MLflow's ``ModelInfo`` (``model_uri`` is ``models:/<model_id>``).
     """
-    from mlflow.models import Model, infer_signature
+    from mlflow.models import Model
 
-    x_example = np.asarray(x_example, dtype=np.float32)
-    signature = infer_signature(x_example, model.predict(x_example, verbose=0))
-    return Model.log(None, name=name, flavor=_ServedKerasFlavor, keras_model=model, signature=signature,
+    return Model.log(None, name=name, flavor=_ServedKerasFlavor, keras_model=model, class_names=list(class_names),
                      pip_requirements=model_requirements())

@@ -565,7 +565,7 @@ def _train(config: TrainConfig, placed: contextlib.ExitStack, *, quiet: bool, ru
             plain = optim.portable(model.optimizer)
             if plain is not model.optimizer:  # the saved model must load with plain Keras (serving, export)
                 model.compile(optimizer=plain, loss=model.loss, metrics=["accuracy"])
-            model_uri = tracking.log_keras_model(model, splits.ds.x_test[:8]).model_uri
+            model_uri = tracking.log_keras_model(model, splits.ds.class_names).model_uri
             mlflow.set_tag("cifarflow.model_uri", model_uri)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return TrainResult(run_id=run_id, model_uri=model_uri, metrics=metrics)
