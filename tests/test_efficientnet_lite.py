@@ -29,7 +29,7 @@ from cifarflow.models import transfer
 from cifarflow.tracking import refs
 from cifarflow.training.trainer import train
 from cifarflow.utils import sha256_file
-from conftest import isolate, predict_in_fresh_process, write_class_folders
+from conftest import CLASSES3, isolate, lite0_prefetched, predict_in_fresh_process, write_class_folders
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -56,8 +56,10 @@ def cifar_archive():
 
 @pytest.fixture(scope="session")
 def lite0_weights(tmp_path_factory):
-    """The lite0 ImageNet checkpoint converted once for the session (its own cache folder)."""
-    return el.imagenet_weights_file("lite0", cache_dir=tmp_path_factory.mktemp("lite0-keras"))
+    """The lite0 ImageNet checkpoint converted once for the session (its own cache folder): by the background
+    process conftest starts with the session, else here."""
+    folder = lite0_prefetched(tmp_path_factory) or tmp_path_factory.mktemp("lite0-keras")
+    return el.imagenet_weights_file("lite0", cache_dir=folder)
 
 
 @pytest.fixture(scope="module")
@@ -227,4 +229,7 @@ def test_the_lite0_champion_exports_with_parity_and_loads_anywhere(lite0_run, tm
 
     x = datasets.load(root / "train_data").x_test.astype(np.float32)
     ref = refs.load_keras(result.model_uri).predict(x, verbose=0)
-    assert np.abs(predict_in_fresh_process("pyfunc", f"models:/{name}@champion", x, tmp_path) - ref).max() < 1e-5
+    # pixels and, through the same pyfunc, the same pixels as PNG files (images in, labels out: issue 28)
+    probs, table, labels = predict_in_fresh_process("pyfunc", f"models:/{name}@champion", x, tmp_path, images=True)
+    assert np.abs(probs - ref).max() < 1e-5 and np.abs(table - ref).max() < 1e-5
+    assert labels == [CLASSES3[i] for i in ref.argmax(1)]
