@@ -25,21 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES3 = ("cat", "dog", "ship")
 
 
-# The test files by their measured wall time, slowest first (clean-clone CI runs, two xdist workers): collected in
-# this order, they are handed out so (pyproject's --no-loadscope-reorder), the longest first, and the two workers
-# end together instead of one waiting on a long file handed out last. Unlisted files follow, in their own order.
-SLOWEST_FILES_FIRST = ("test_backends.py", "test_bench.py", "test_efficientnet_lite.py", "test_crash_resume.py",
-                       "test_transfer.py", "test_tuning_workers.py", "test_team_server.py", "test_tuning.py",
-                       "test_tuning_pages.py", "test_export.py", "test_ensemble.py", "test_train.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """Reorder the collected tests file by file after :data:`SLOWEST_FILES_FIRST` (a stable sort: the order of
-    the tests inside a file, which its module fixtures rely on, is kept)."""
-    rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 LITE0_PREFETCH = "lite0-keras"  # the session's converted Lite0 ImageNet weights, beside the workers' base folders
 LITE0_TESTS = "test_efficientnet_lite.py"
 _prefetch: subprocess.Popen | None = None
@@ -107,6 +92,8 @@ def isolate(monkeypatch, root: Path) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # the process-wide URI wins over the env
+    # and so does the experiment an earlier test's mlflow.set_experiment made active (an id of its own store)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     monkeypatch.setenv("KERAS_HOME", str(root / "keras_home"))
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")  # a sampling thread per run: on where tested
     monkeypatch.delenv("CIFARFLOW_DATA", raising=False)
