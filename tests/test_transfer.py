@@ -5,7 +5,6 @@ All with weights=none at small resolutions on tiny data; ImageNet downloads are 
 
 from __future__ import annotations
 
-import shutil
 
 import keras
 import mlflow
@@ -131,22 +130,6 @@ def two_phase(data_dir, name, **extra):
                                  "crop_padding": 0, **extra})
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    """An empty MLflow SQLite store, created (schema migrations, seconds) once for the module."""
-    root = tmp_path_factory.mktemp("empty_store")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # the Default experiment's artifact folder: in here
-        mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").search_experiments(max_results=1)
-    return root / "mlflow.db"
-
-
-@pytest.fixture
-def store(empty_store, tmp_path):
-    """This test's MLflow store (``isolated`` points MLFLOW_TRACKING_URI at it) starts as a copy of the empty one."""
-    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
-
-
 class KeepModel(keras.callbacks.Callback):
     """Remembers the model ``fit`` trained: the trainer's model object, scored after the best weights are restored."""
 
@@ -218,8 +201,8 @@ def test_each_backbone_trains_both_phases_with_batchnorm_frozen_and_reloads(name
 
 
 @pytest.mark.slow
-def test_epochs_on_the_command_line_is_the_total_of_both_phases_and_the_logged_model_reloads(train_data, store,
-                                                                                             tmp_path, capsys):
+def test_epochs_on_the_command_line_is_the_total_of_both_phases_and_the_logged_model_reloads(train_data, tmp_path,
+                                                                                             capsys):
     """mobilenetv2 two-phase from the CLI (--epochs 2 = 1 + 1): the run as above, and the logged model reloads
     with the predictions that were evaluated (Keras and pyfunc flavours, and in a fresh process)."""
     main(["train", "mobilenetv2", "--data", str(train_data), "--epochs", "2", "--quiet",
@@ -244,7 +227,7 @@ def test_epochs_on_the_command_line_is_the_total_of_both_phases_and_the_logged_m
 
 
 @pytest.mark.slow
-def test_source_task_weights_transfer_to_a_target_run(train_data, store):
+def test_source_task_weights_transfer_to_a_target_run(train_data):
     mobile = {"alpha": 0.35, "batch_size": 64, "val_fraction": 0.25, "crop_padding": 0, "limit": 40}
     keep = KeepModel()  # the trained source model (model logging: the tests above)
     source = train(config.resolve("mobilenetv2", {**SMALL, **mobile, "data": str(train_data), "epochs": 1,
