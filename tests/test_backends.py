@@ -189,6 +189,12 @@ def test_train_and_evaluate_on_jax_without_tensorflow(tmp_path):
     assert evaluation.data.metrics["test_accuracy"] == train_run.data.metrics["test_accuracy"]
 
 
+# The data-parallel comparisons train at 0.01, not the recipe's 0.1: at 0.1 six SGD steps on 36 images amplify
+# the all-reduce's rounding (another summation order) into 0.2 % of train loss and 2.5 % of val loss (a TF
+# failure on a fresh install, deterministic there); at 0.01 data parallel matches one device to 4e-6, while
+# per-replica BatchNorm statistics (the bug the TF test guards against) still move train loss by 6 %.
+STABLE_LEARNING_RATE = 0.01
+
 DATA_PARALLEL_RUNS = """
 import json
 import mlflow
@@ -198,7 +204,7 @@ out = {}
 for distribution in ("none", "data_parallel"):
     cfg = config.resolve("cnn_small", {"data": DATA, "epochs": 2, "batch_size": 16, "width": 0.125,
                                        "dense_units": 16, "val_fraction": 0.25, "warmup_epochs": 0,
-                                       "distribution": distribution})
+                                       "learning_rate": STABLE_LEARNING_RATE, "distribution": distribution})
     r = train(cfg, quiet=True, log_model=False)
     run = mlflow.get_run(r.run_id)
     out[distribution] = {"tag": run.data.tags["cifarflow.distribution"], "train_loss": run.data.metrics["train_loss"],
@@ -214,7 +220,8 @@ def _data_parallel_runs(folder, env, prelude="", **extra):
     conftest.write_class_folders(folder / "data", per_class=(16, 4))  # 36 training images: batches 16, 16, 4
     settings = "".join(f" {k!r}: {v!r}," for k, v in extra.items())
     code = DATA_PARALLEL_RUNS.replace('"epochs": 2,', '"epochs": 2,' + settings)
-    return run_python(prelude + f"DATA = {str(folder / 'data')!r}\n" + code, env)
+    return run_python(prelude + f"DATA = {str(folder / 'data')!r}\nSTABLE_LEARNING_RATE = {STABLE_LEARNING_RATE}\n"
+                      + code, env)
 
 
 # the settings of the JAX runs: the one-device run of the two-virtual-device test is also the reference the
@@ -258,7 +265,7 @@ def test_data_parallel_on_two_tensorflow_cpus_matches_one_device(tmp_path):
     one, two = out["none"], out["data_parallel"]
     assert (one["tag"], two["tag"]) == ("none", "data_parallel:2")
     for key in ("train_loss", "val_loss", "test_loss"):
-        assert two[key] == pytest.approx(one[key], rel=5e-3), (key, one, two)  # measured: 1e-4 train, 3e-3 val
+        assert two[key] == pytest.approx(one[key], rel=1e-3), (key, one, two)  # measured: 4e-6; unsynchronized 6e-2
     assert two["test_accuracy"] == one["test_accuracy"]
 
 
@@ -332,7 +339,8 @@ def test_two_processes_on_localhost_train_one_run_like_one_process(tmp_path, jax
     args = [os.path.join(os.path.dirname(sys.executable), "cifarflow"), "train", "cnn_small", "--quiet",
             "--data", str(tmp_path / "data"), "--epochs", "2",
             *[f"--set={kv}" for kv in ("batch_size=16", "width=0.125", "dense_units=16", "val_fraction=0.25",
-                                       "warmup_epochs=0", *(f"{k}={v}" for k, v in JAX_RUN_SETTINGS.items()))]]
+                                       "warmup_epochs=0", f"learning_rate={STABLE_LEARNING_RATE}",
+                                       *(f"{k}={v}" for k, v in JAX_RUN_SETTINGS.items()))]]
     env = jax_env(tmp_path)
     port = conftest.free_port()
     workers = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={

@@ -24,13 +24,19 @@ def bench(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_smoke_run_of_the_speed_sections_writes_peak_speed_and_overheads(train_data, tmp_path):
+def test_smoke_run_of_the_speed_sections_writes_peak_speed_and_overheads(train_data, tmp_path, monkeypatch):
     """The speed half of ``--smoke`` (its other half: the test below; a section reads nothing of another but the
-    matmul peak, which speed needs, so the two halves run as two processes, in parallel under xdist)."""
+    matmul peak, which speed needs), in this process: the script's command-line wiring is the test below's."""
+    from click.testing import CliRunner
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    monkeypatch.chdir(tmp_path)
+    import run as bench_run
+
     out = tmp_path / "RESULTS.md"
-    proc = bench(["--data", str(train_data), "--smoke", "--no-xla", "--sections", "peak,speed,overhead",
-                  "--out", str(out)], tmp_path)  # XLA: minutes
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = CliRunner().invoke(bench_run.main, ["--data", str(train_data), "--smoke", "--no-xla", "--sections",
+                                                 "peak,speed,overhead", "--out", str(out)])  # XLA: minutes
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
     text = out.read_text()
     for heading in HEADINGS[:3]:
         assert heading in text, heading
@@ -113,7 +119,9 @@ def test_bf16_profile_parses_the_verbose_log_into_kinds_layers_and_busy_time():
 
 @pytest.mark.slow
 def test_backends_bench_prints_both_backends_and_their_ratio(train_data, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    from test_backends import TEST_XLA_FLAGS  # tiny programs: XLA's compile costs, not the run
+
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), XLA_FLAGS=TEST_XLA_FLAGS)
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "backends.py"), "--data", str(train_data), "--smoke",
                            "--recipes", "cnn_small"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

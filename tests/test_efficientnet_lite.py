@@ -4,7 +4,7 @@ The proofs use a handful of real CIFAR-10 test images from the shared JPEG archi
 (``../shared/data/cifar10-jpeg.tar.gz``, found in a parent folder of the repository):
 zero-shot ImageNet -> CIFAR top-5 agreement far above chance, and a linear probe on
 pretrained pooled features far above the same probe on random weights. Full figures:
-``bench/lite_proofs.py``. The checkpoint is converted once per session (tinygrad, ~1 min).
+``bench/lite_proofs.py``. The checkpoint is converted once per session (tinygrad and NumPy, ~5 s).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from cifarflow.models import transfer
 from cifarflow.tracking import refs
 from cifarflow.training.trainer import train
 from cifarflow.utils import sha256_file
-from conftest import CLASSES3, isolate, lite0_prefetched, predict_in_fresh_process, write_class_folders
+from conftest import CLASSES3, isolate, predict_in_fresh_process, write_class_folders
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -56,10 +56,8 @@ def cifar_archive():
 
 @pytest.fixture(scope="session")
 def lite0_weights(tmp_path_factory):
-    """The lite0 ImageNet checkpoint converted once for the session (its own cache folder): by the background
-    process conftest starts with the session, else here."""
-    folder = lite0_prefetched(tmp_path_factory) or tmp_path_factory.mktemp("lite0-keras")
-    return el.imagenet_weights_file("lite0", cache_dir=folder)
+    """The lite0 ImageNet checkpoint converted once for the session, into its own cache folder (~5 s)."""
+    return el.imagenet_weights_file("lite0", cache_dir=tmp_path_factory.mktemp("lite0-keras"))
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +115,20 @@ def test_lite1_and_lite2_keep_the_stem_and_head_fixed(variant, blocks, stem_in, 
     assert model.get_layer("stem_conv").filters == 32 and model.get_layer("block0_dwconv").kernel.shape[2] == stem_in
     assert model.get_layer(f"block{blocks - 1}_project_conv").filters == last_out
     assert model.output_shape == (None, 2, 2, 1280)
+
+
+def test_transposed_checkpoint_tensors_are_read_as_tinygrad_reads_them():
+    """The checkpoint reader leaves tinygrad's outer reshapes and permutes (a transposed storage: the classifier,
+    the 1x1 convs) to NumPy; the arrays are the ones tinygrad's own ``numpy()`` computes."""
+    from tinygrad import Context, Tensor
+
+    with Context(DEV="PYTHON"):
+        base = np.arange(2 * 3 * 4, dtype=np.float32).reshape(4, 6)
+        for t in (Tensor(base).permute(1, 0).reshape(3, 2, 4, 1), Tensor(base.reshape(2, 3, 4)).permute(2, 0, 1),
+                  Tensor(base).reshape(3, 8), Tensor(base) + 1):
+            fast = el._as_numpy(t)
+            assert fast.dtype == np.float32 and fast.flags.c_contiguous
+            np.testing.assert_array_equal(fast, t.numpy())
 
 
 def test_conversion_is_cached_and_a_checkpoint_that_does_not_fit_is_refused(lite0_weights):

@@ -111,11 +111,27 @@ def test_study_plots(saved, tmp_path):
     plots.parallel_coordinate(s, "val_accuracy", tmp_path / "p.png", title="study s-demo")
     fig = saved[-1]
     assert "s-demo" in titles(fig)
-    lines = [c for ax in fig.axes for c in ax.collections if isinstance(c, matplotlib.collections.LineCollection)]
+    # the trials' lines: the plot's own collections that hold segments (not the colorbar's empty dividers, drawn
+    # in rcParams' axes.edgecolor: white after another test's `plt.style.use("ggplot")`, a failure in one CI order)
+    lines = [c for c in fig.axes[0].collections
+             if isinstance(c, matplotlib.collections.LineCollection) and len(c.get_segments())]
     colors = np.concatenate([c.get_colors()[:, :3] for c in lines]) if lines else \
         np.array([to_rgb(line.get_color()) for ax in fig.axes for line in ax.get_lines()])
     luminance = colors @ np.array([0.299, 0.587, 0.114])
     assert len(colors) >= 4 and luminance.max() < 0.8, luminance  # every trial visible on a white ground
+
+
+def test_the_importances_plot_leaves_the_process_style_as_it_was(tmp_path):
+    """Optuna's importance plot calls ``plt.style.use("ggplot")``; after cifarflow's, the process's style is the
+    one it had (a tune with --retrain-best drew its training curves in ggplot's grey, and the study plots of a
+    later test in the same process got white colorbar dividers)."""
+    from cifarflow.training import tuning
+
+    keys = ("axes.facecolor", "axes.edgecolor", "axes.grid", "grid.color", "figure.facecolor", "axes.prop_cycle")
+    before = {k: matplotlib.rcParams[k] for k in keys}
+    tuning._importances_plot(study([0.31, 0.52, 0.47, 0.55]), "val_accuracy", tmp_path / "i.png", "study s-demo")
+    assert (tmp_path / "i.png").stat().st_size > 0
+    assert {k: matplotlib.rcParams[k] for k in keys} == before
 
 
 def test_study_plots_of_one_trial_warn_nothing(saved, tmp_path, recwarn):

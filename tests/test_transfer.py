@@ -205,7 +205,7 @@ def test_epochs_on_the_command_line_is_the_total_of_both_phases_and_the_logged_m
                                                                                              capsys):
     """mobilenetv2 two-phase from the CLI (--epochs 2 = 1 + 1): the run as above, and the logged model reloads
     with the predictions that were evaluated (Keras and pyfunc flavours, and in a fresh process)."""
-    main(["train", "mobilenetv2", "--data", str(train_data), "--epochs", "2", "--quiet",
+    main(["train", "mobilenetv2", "--data", str(train_data), "--epochs", "2", "--quiet", "--set", "alpha=0.35",
           "--set", "weights=none", "--set", "resolution=32", "--set", "fine_tune_fraction=0.5", "--set", "batch_size=64",
           "--set", "val_fraction=0.25", "--set", "crop_padding=0", "--set", "early_stopping_patience=null"])
     run = mlflow.search_runs(experiment_names=["cifarflow/mobilenetv2"], output_format="list")[0]

@@ -17,7 +17,7 @@ from test_what_users_see import NOISE, TINY, cifarflow
 
 @pytest.fixture(scope="module")
 def piped_tune(tmp_path_factory):
-    """A 3-trial study on tiny data through the real command, output piped; returns what a test needs."""
+    """A 2-trial study on tiny data through the real command, output piped; returns what a test needs."""
     root = tmp_path_factory.mktemp("piped_tune")
     write_class_folders(root / "data", per_class=(24, 6))
     space = root / "space.yaml"
@@ -28,7 +28,7 @@ def piped_tune(tmp_path_factory):
     storage = f"sqlite:///{root / 'optuna.db'}"
     with pytest.MonkeyPatch.context() as mp:
         isolate(mp, root)
-        proc = cifarflow("tune", "cnn_small", "--study", "pages", "--trials", "3", "--storage", storage,
+        proc = cifarflow("tune", "cnn_small", "--study", "pages", "--trials", "2", "--storage", storage,
                          "--space", str(space), "--data", str(root / "data"), "--epochs", "2", *TINY, cwd=root)
         assert proc.returncode == 0, proc.stderr[-3000:]
         client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
@@ -39,7 +39,7 @@ def piped_tune(tmp_path_factory):
 def test_tune_prints_one_line_per_finished_trial(piped_tune):
     proc, _, study = piped_tune
     lines = [line for line in proc.stdout.splitlines() if line.startswith("trial ")]
-    assert len(lines) == len(study.trials) == 3, proc.stdout
+    assert len(lines) == len(study.trials) == 2, proc.stdout
     for line, trial in zip(lines, study.trials):
         run_id = trial.user_attrs["mlflow_run_id"]
         assert re.match(rf"trial {trial.number} COMPLETE val_accuracy=\d\.\d{{4}} ", line), line
@@ -55,7 +55,7 @@ def test_the_study_run_logs_its_settings_and_points_to_the_study(piped_tune):
     parent = client.search_runs([client.get_experiment_by_name("cifarflow/cnn_small").experiment_id],
                                 filter_string="tags.`cifarflow.role` = 'study'")[0]
     p = parent.data.params
-    assert p["recipe"] == "cnn_small" and p["trials"] == "3" and p["epochs"] == "2" and p["metric"] == "val_accuracy"
+    assert p["recipe"] == "cnn_small" and p["trials"] == "2" and p["epochs"] == "2" and p["metric"] == "val_accuracy"
     assert p["sampler"].startswith("TPESampler") and p["pruner"].startswith("NopPruner")
     assert p["storage"].startswith("sqlite:///") and "space.dropout" in p and "log" in p["space.learning_rate"]
     assert parent.data.tags["cifarflow.study"] == "pages" and parent.data.tags["mlflow.note.content"]

@@ -67,10 +67,10 @@ def test_two_workers_hold_exactly_the_trial_budget(folder_data, tmp_path):
 @pytest.mark.slow
 def test_a_killed_workers_trial_is_failed_although_the_budget_is_met_before_it_goes_stale(folder_data, tmp_path):
     """Worker A is killed mid-trial; worker B, started while A's trial runs, could meet the budget well within
-    A's grace period (2 heartbeats, 20 s). B must not leave A's trial RUNNING: the trial still holds its place
+    A's grace period (2 heartbeats, 10 s). B must not leave A's trial RUNNING: the trial still holds its place
     in the budget until it goes stale; B then fails it (and its MLflow run) and runs the trial in its place."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    command = tune_command(folder_data, tmp_path, storage, trials=1, epochs=3, heartbeat=10)
+    command = tune_command(folder_data, tmp_path, storage, trials=1, epochs=3, heartbeat=5)
     # A SIGKILLs itself once the second epoch's checkpoint is on disk, the first epoch reported: a kill
     # from here after polling for that epoch raced A's 3 short epochs, which CI once saw end first.
     a = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

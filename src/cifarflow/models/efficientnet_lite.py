@@ -227,8 +227,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A PyTorch ``.pth`` state dict (any torch.save format) as numpy arrays, read by tinygrad.
 
     tinygrad's ``torch_load`` handles the legacy (non-zip) serialization these
-    packages use; its permuted tensors need a compute device, so the pure-Python
-    ``PYTHON`` device is used (no compiler needed, about 40 s for lite0 on one core).
+    packages use. A tensor stored transposed (the classifier, the 1x1 convs) comes
+    back as a lazy reshape/permute of its storage, which needs a compute device: the
+    pure-Python ``PYTHON`` device (no compiler needed) runs a permute element by
+    element, 68 s for lite0 on this 2-core host, so :func:`_as_numpy` reads the
+    storage and leaves the permutes to NumPy (under 1 s, the same arrays).
+
+    Returns:
+        name -> array (the checkpoint's dtype and shape, PyTorch layout).
 
     Raises:
         CifarflowError: tinygrad is not installed.
@@ -240,7 +246,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CifarflowError("reading the EfficientNet-Lite ImageNet checkpoint needs tinygrad",
                              f'pip install "cifarflow[weights]" (or pip install {READER})') from None
     with Context(DEV="PYTHON"):
-        return {k: v.numpy() for k, v in torch_load(str(path)).items()}
+        return {k: _as_numpy(v) for k, v in torch_load(str(path)).items()}
+
+
+def _as_numpy(tensor) -> np.ndarray:
+    """``tensor.numpy()`` of a tinygrad tensor, its outer reshapes and permutes applied by NumPy (a view
+    change there; tinygrad's PYTHON device would copy element by element); anything else by tinygrad."""
+    from tinygrad import Tensor
+    from tinygrad.uop.ops import Ops
+
+    op = tensor.uop.op
+    if op is Ops.RESHAPE:
+        return _as_numpy(Tensor(tensor.uop.src[0])).reshape(tensor.shape)
+    if op is Ops.PERMUTE:
+        return np.ascontiguousarray(_as_numpy(Tensor(tensor.uop.src[0])).transpose(tensor.uop.arg))
+    return tensor.numpy()
 
 
 def checkpoint_file(variant: str) -> Path:

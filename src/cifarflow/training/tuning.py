@@ -359,22 +359,25 @@ def _parent_run(study: optuna.Study, experiment_id: str, recipe: str) -> str:
 
 
 def _importances_plot(study: optuna.Study, metric: str, path: Path, title: str) -> None:
-    """Optuna's parameter-importance bars, with ``metric`` in the legend and ``title`` on top."""
+    """Optuna's parameter-importance bars, with ``metric`` in the legend and ``title`` on top. Optuna's plot
+    switches the process to matplotlib's ggplot style (``plt.style.use``); the process's style is restored after
+    it, so the plots drawn later in the process (``--retrain-best``'s, another study's) keep their look."""
     import matplotlib.pyplot as plt
     from optuna.visualization.matplotlib import plot_param_importances
 
-    with warnings.catch_warnings():  # "Parameter importances will be equal" on few or tied trials: the plot says so
+    with plt.rc_context(), warnings.catch_warnings():
+        # "Parameter importances will be equal" on few or tied trials: the plot says so
         warnings.filterwarnings("ignore", category=UserWarning, module=r"optuna\.importance")
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the matplotlib backend
         ax = plot_param_importances(study, target_name=metric)
-    ax.set_title("", loc="left")  # Optuna's own "Hyperparameter Importances"
-    ax.set_title(f"parameter importances: {title}")
-    ax.set_xlabel(f"importance for {metric}")
-    fig = ax.figure
-    fig.set_size_inches(8, 4.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        ax.set_title("", loc="left")  # Optuna's own "Hyperparameter Importances"
+        ax.set_title(f"parameter importances: {title}")
+        ax.set_xlabel(f"importance for {metric}")
+        fig = ax.figure
+        fig.set_size_inches(8, 4.8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
 
 
 def _log_plots(study: optuna.Study, metric: str, recipe: str) -> None:
@@ -581,7 +584,7 @@ def tune(recipe: str, study_name: str, trials: int, *, overrides: dict | None = 
                 running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
             if not running:
                 break
-            time.sleep(min(5, heartbeat))
+            time.sleep(1.0)  # a stale trial is failed and rerun within a second of going stale
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         states = [t.state.name for t in study.trials]
         mlflow.log_metrics({"trials_complete": states.count("COMPLETE"), "trials_pruned": states.count("PRUNED"),
