@@ -1,5 +1,6 @@
 """``bench/run.py --smoke`` runs every section end to end on tiny data and writes each into RESULTS.md;
-``--fast-run``/``--short-run`` read a finished run's figures from the MLflow store instead of training;
+``--fast-run``/``--short-run`` read a finished run's figures from the MLflow store instead of training (the
+smoke runs in this process; the script's own process, exit codes and messages: the user-error test);
 ``bench/bf16_profile.py`` parses oneDNN's verbose log."""
 
 from __future__ import annotations
@@ -50,9 +51,17 @@ def test_smoke_run_of_the_speed_sections_writes_peak_speed_and_overheads(train_d
 
 @pytest.mark.slow
 def test_smoke_run_of_export_and_accuracy_then_reads_runs_from_mlflow(train_data, tmp_path, monkeypatch):
+    """In this process, as the test above (the TFLite conversion still runs in its own process)."""
+    from click.testing import CliRunner
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    monkeypatch.chdir(tmp_path)
+    import run as bench_run
+
     out = tmp_path / "RESULTS.md"
-    proc = bench(["--data", str(train_data), "--smoke", "--sections", "export,accuracy", "--out", str(out)], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = CliRunner().invoke(bench_run.main, ["--data", str(train_data), "--smoke", "--sections", "export,accuracy",
+                                                 "--out", str(out)])
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
     text = out.read_text()
     for heading in HEADINGS[3:]:
         assert heading in text, heading
@@ -61,12 +70,7 @@ def test_smoke_run_of_export_and_accuracy_then_reads_runs_from_mlflow(train_data
     run_id = re.search(r"^\| short \| 1 \| [01]\.\d{4} \| [01]\.\d{4} \| \d+ \| \d+ \| \d+ \| `([0-9a-f]{32})` \|", text, re.M)
     assert run_id, text[-1500:]  # trained here (no run ids): a 1-epoch fast run, with TTA
 
-    # the same run read back from the store: its figures, its id, nothing trained (in this process: it only reads)
-    from click.testing import CliRunner
-
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import run as bench_run
-
+    # the same run read back from the store: its figures, its id, nothing trained
     monkeypatch.setattr(bench_run, "train_fast", lambda *a, **k: pytest.fail("trained although run ids were given"))
     again = tmp_path / "AGAIN.md"
     result = CliRunner().invoke(bench_run.main, ["--data", str(train_data), "--smoke", "--sections", "accuracy",
