@@ -2,8 +2,8 @@
 (issue 11 items 1 to 4): no epoch lost or logged twice, a damaged checkpoint is one line naming the previous
 good epoch, a refused resume leaves the run as it was, train_seconds sums the segments, and a killed and
 resumed run (with augmentation, RandAugment, MixUp and dropout; also a two-phase transfer run killed at the
-phase boundary, then resumed and interrupted by Ctrl-C in its second phase) ends with exactly the metrics, per-epoch history and weights of
-the same run uninterrupted.
+phase boundary, then resumed and interrupted by Ctrl-C in its second phase) ends with exactly the metrics,
+per-epoch history and weights of the same run uninterrupted.
 
 Each uninterrupted reference run trains once per module, in this process and its own MLflow store; the killed
 segments run as `cifarflow train` subprocesses (a real SIGKILL); the refused resumes, the Ctrl-C'd segment and
