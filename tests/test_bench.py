@@ -24,15 +24,23 @@ def bench(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
                           env=env, cwd=tmp_path, timeout=1500)
 
 
+@pytest.fixture
+def bench_run(monkeypatch):
+    """``bench/run.py`` imported in this process (its click command is ``bench_run.main``)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import run
+
+    return run
+
+
 @pytest.mark.slow
-def test_smoke_run_of_the_speed_sections_writes_peak_speed_and_overheads(train_data, tmp_path, monkeypatch):
+def test_smoke_run_of_the_speed_sections_writes_peak_speed_and_overheads(train_data, tmp_path, monkeypatch,
+                                                                         bench_run):
     """The speed half of ``--smoke`` (its other half: the test below; a section reads nothing of another but the
     matmul peak, which speed needs), in this process: the script's command-line wiring is the test below's."""
     from click.testing import CliRunner
 
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
     monkeypatch.chdir(tmp_path)
-    import run as bench_run
 
     out = tmp_path / "RESULTS.md"
     result = CliRunner().invoke(bench_run.main, ["--data", str(train_data), "--smoke", "--no-xla", "--sections",
@@ -50,13 +58,12 @@ def test_smoke_run_of_the_speed_sections_writes_peak_speed_and_overheads(train_d
 
 
 @pytest.mark.slow
-def test_smoke_run_of_export_and_accuracy_then_reads_runs_from_mlflow(train_data, tmp_path, monkeypatch):
+def test_smoke_run_of_export_and_accuracy_then_reads_runs_from_mlflow(train_data, tmp_path, monkeypatch,
+                                                                      bench_run):
     """In this process, as the test above (the TFLite conversion still runs in its own process)."""
     from click.testing import CliRunner
 
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
     monkeypatch.chdir(tmp_path)
-    import run as bench_run
 
     out = tmp_path / "RESULTS.md"
     result = CliRunner().invoke(bench_run.main, ["--data", str(train_data), "--smoke", "--sections", "export,accuracy",
@@ -137,12 +144,9 @@ def test_backends_bench_prints_both_backends_and_their_ratio(train_data, tmp_pat
     assert re.search(r"TensorFlow 2\.\d+\.\d+, JAX 0\.\d+\.\d+\.", proc.stdout)
 
 
-def test_epoch_clock_times_an_epoch_with_and_without_what_follows_it(monkeypatch):
+def test_epoch_clock_times_an_epoch_with_and_without_what_follows_it(monkeypatch, bench_run):
     """The pipeline overhead times each fit from its epoch's start to its end (``inside``), leaving out
     ``fit``'s set-up and tear-down; the platform overhead from one epoch's start to the next (``seconds``)."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import run as bench_run
-
     clock = bench_run.EpochClock.make()
     ticks = iter([10.0, 12.5, 20.0, 23.0, 30.0])  # begin 0, end 0, begin 1, end 1, train end
     monkeypatch.setattr(bench_run.time, "perf_counter", lambda: next(ticks, 99.0))
@@ -152,12 +156,9 @@ def test_epoch_clock_times_an_epoch_with_and_without_what_follows_it(monkeypatch
     assert clock.inside(1) == 3.0 and clock.seconds(1) == 10.0
 
 
-def test_platform_overhead_takes_the_median_epoch_so_a_stall_in_one_arm_does_not_decide_it(monkeypatch):
+def test_platform_overhead_takes_the_median_epoch_so_a_stall_in_one_arm_does_not_decide_it(monkeypatch, bench_run):
     """An epoch of 4 steps took 14.6 s or, at random, 20.5 s in either arm on the 2-core host; a sum over
     two epochs caught one stall in the platform arm and gave 0.873. The median of epochs 2.. ignores it."""
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import run as bench_run
-
     def clock(epoch_seconds):
         c = bench_run.EpochClock.make()
         ticks = iter(itertools.accumulate([0.0, *epoch_seconds]))
@@ -175,13 +176,10 @@ def test_platform_overhead_takes_the_median_epoch_so_a_stall_in_one_arm_does_not
 
 
 def test_quick_without_run_ids_trains_one_epoch_on_10000_images_and_an_explicit_limit_wins(
-        monkeypatch, tmp_path):
+        monkeypatch, tmp_path, bench_run):
     """``--quick`` without ``--fast-run`` trains one epoch of ``fast`` on 10,000 images (the whole set made
     the quick run 17.5 min on the slower 2-core host, over its 15); ``--limit`` still wins."""
     from click.testing import CliRunner
-
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    import run as bench_run
 
     calls = []
     monkeypatch.setattr(bench_run, "train_fast", lambda data, epochs, limit=None: calls.append((epochs, limit)) or "r1")
